@@ -1,0 +1,148 @@
+"""Configuration: one typed object, read from the environment (prefix ``WSI_``) and an env file.
+
+The env file defaults to ``$WSI_HOME/stack.env`` (written by ``wsi stack up``), so that services,
+the CLI and tests started beside a local stack find its endpoints without extra flags. Anything set
+in the environment wins over the file. Secrets are ``SecretStr`` and are masked when printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def wsi_home() -> Path:
+    """The local state directory: stack data, service logs, cached slides and default models."""
+    return Path(os.environ.get("WSI_HOME", Path.home() / ".wsi")).resolve()
+
+
+def default_env_file() -> Path:
+    return Path(os.environ.get("WSI_ENV_FILE", wsi_home() / "stack.env"))
+
+
+def _read_secret_file(value: SecretStr | None, file_var: str) -> SecretStr | None:
+    """``WSI_X_FILE=/run/secrets/x`` supplies a secret from a file (Kubernetes/Docker secrets)."""
+    path = os.environ.get(file_var)
+    if path:
+        return SecretStr(Path(path).read_text().strip())
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WSI_", extra="ignore", case_sensitive=False)
+
+    # Kafka (any Kafka-API broker: Apache Kafka, Redpanda, the local Tansu broker)
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL
+    kafka_sasl_mechanism: str = "PLAIN"  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str = ""
+    kafka_session_timeout_ms: int = 30000
+    kafka_heartbeat_interval_ms: int = 3000
+    kafka_max_poll_interval_ms: int = 300000
+    kafka_request_timeout_ms: int = 40000
+
+    # Object store (S3 API: MinIO, AWS S3, the local moto server)
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_secure: bool = False
+    s3_access_key: str = "wsi"
+    s3_secret_key: SecretStr = SecretStr("wsi-secret")
+    s3_region: str = "us-east-1"
+    s3_ca_file: str = ""
+    uploads_bucket: str = "wsi-uploads"
+    artifacts_bucket: str = "wsi-artifacts"
+
+    # PostgreSQL: the services' role (rows only) and the owner role used by `wsi db migrate`
+    database_url: SecretStr = SecretStr("postgresql://wsi_app:wsi_app@127.0.0.1:5432/wsi")
+    database_admin_url: SecretStr | None = None
+    database_sslmode: str = ""  # e.g. verify-full; appended to the URL when set
+
+    # Service runtime
+    metrics_port: int = 0  # 0 = pick a free port (the chosen port is logged)
+    metrics_host: str = "127.0.0.1"
+    max_attempts: int = 3  # deterministic failures before a message is dead-lettered
+    batch_size: int = 16
+    infra_backoff_max_s: float = 30.0
+    log_level: str = "INFO"
+    slide_deadline_s: int = 3600
+    reconcile_interval_s: int = 300
+    poll_interval_s: float = 2.0  # the ingest bucket poller
+    poller_enabled: bool = True
+
+    # Local paths
+    cache_dir: Path = Field(default_factory=lambda: wsi_home() / "cache")
+    cache_max_bytes: int = 20 * 1024**3
+    model_dir: Path = Field(default_factory=lambda: wsi_home() / "models")
+
+    # Pipeline profile defaults (pinned per slide at ingest)
+    target_mpp: float = 0.5
+    tile_size: int = 224
+    tiles_per_shard: int = 256
+    min_tissue_fraction: float = 0.25
+    qc_min_tissue_fraction: float = 0.5
+    qc_min_blur_variance: float = 15.0
+    mpp_override: float = 0.0  # used only for slides without MPP; 0 = reject such slides
+    max_slide_pixels: int = 200_000 * 200_000  # larger claimed dimensions are rejected as absurd
+    max_tiles_per_slide: int = 20000  # the scorer's cap (deterministic sub-sampling beyond it)
+    isolation_memory_bytes: int = 6 * 1024**3  # address-space limit of the slide-decoding subprocess
+
+    @field_validator("target_mpp", "tile_size", "tiles_per_shard")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    def kafka_password(self) -> str:
+        secret = _read_secret_file(self.kafka_sasl_password, "WSI_KAFKA_SASL_PASSWORD_FILE")
+        return secret.get_secret_value() if secret else ""
+
+    def s3_secret(self) -> str:
+        secret = _read_secret_file(self.s3_secret_key, "WSI_S3_SECRET_KEY_FILE")
+        return secret.get_secret_value() if secret else ""
+
+    def dsn(self, *, admin: bool = False) -> str:
+        if admin and self.database_admin_url is not None:
+            secret: SecretStr | None = _read_secret_file(self.database_admin_url, "WSI_DATABASE_ADMIN_URL_FILE")
+        else:
+            secret = _read_secret_file(self.database_url, "WSI_DATABASE_URL_FILE")
+        assert secret is not None
+        url = secret.get_secret_value()
+        if self.database_sslmode and "sslmode=" not in url:
+            url += ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
+        return url
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict with every secret masked: for the first log line of a service."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                out[name] = "***" if name != "database_url" else _mask_url(value.get_secret_value())
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        return out
+
+
+def _mask_url(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, then the env file, then defaults."""
+    env_file = default_env_file()
+    kwargs: dict[str, Any] = {}
+    if env_file.is_file():
+        kwargs["_env_file"] = str(env_file)
+    return Settings(**kwargs, **overrides)
