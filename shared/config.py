@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     reconcile_interval_s: int = 300
     poll_interval_s: float = 2.0  # the ingest bucket poller
     poller_enabled: bool = True
+    create_topics: bool = False  # create missing topics from the table at start (local stack only)
 
     # Local paths
     cache_dir: Path = Field(default_factory=lambda: wsi_home() / "cache")
@@ -108,7 +109,9 @@ class Settings(BaseSettings):
 
     def dsn(self, *, admin: bool = False) -> str:
         if admin and self.database_admin_url is not None:
-            secret: SecretStr | None = _read_secret_file(self.database_admin_url, "WSI_DATABASE_ADMIN_URL_FILE")
+            secret: SecretStr | None = _read_secret_file(
+                self.database_admin_url, "WSI_DATABASE_ADMIN_URL_FILE"
+            )
         else:
             secret = _read_secret_file(self.database_url, "WSI_DATABASE_URL_FILE")
         assert secret is not None
