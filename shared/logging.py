@@ -43,4 +43,5 @@ def configure_logging(service: str, level: str = "INFO") -> None:
 
 
 def get_logger(**bound: Any) -> Any:
-    return structlog.get_logger().bind(**bound)
+    # structlog.get_logger is lazy: binding here would freeze the default (non-JSON) configuration.
+    return structlog.get_logger(**bound)

@@ -89,6 +89,8 @@ class Incoming:
 Handler = Callable[[Incoming], list[Outgoing]]
 BatchHandler = Callable[[list[Incoming]], list["list[Outgoing] | BaseException"]]
 DeadLetterHook = Callable[[Incoming, BaseException], list[Outgoing]]
+Produce = Callable[[list[Outgoing]], None]
+PeriodicTask = Callable[[Produce], None]
 
 
 @dataclass
@@ -103,7 +105,7 @@ class ServiceSpec:
     max_attempts: int | None = None
     on_dead_letter: DeadLetterHook | None = None  # extra public outcome beyond the default SlideFailed
     on_start: Callable[[], None] | None = None  # runs once, in a thread, after the consumer joined
-    periodic: Sequence[tuple[float, Callable[[], list[Outgoing]]]] = field(default_factory=list)
+    periodic: Sequence[tuple[float, PeriodicTask]] = field(default_factory=list)  # (interval_s, task)
     group_id: str | None = None
     shutdown_grace_s: float = 60.0
 
@@ -581,16 +583,24 @@ class ServiceRuntime:
                             max(high - position, 0)
                         )
 
-    async def _periodic(self, interval: float, fn: Callable[[], list[Outgoing]]) -> None:
+    async def _periodic(self, interval: float, fn: PeriodicTask) -> None:
+        """Run ``fn(produce)`` now and then every ``interval`` seconds, in a worker thread."""
+        loop = asyncio.get_running_loop()
+
+        def produce(outputs: list[Outgoing]) -> None:
+            if self.producer is None:
+                raise TransientError("producer not connected")
+            asyncio.run_coroutine_threadsafe(produce_all(self.producer, outputs), loop).result(timeout=120)
+            for out in outputs:
+                EVENTS_OUT.labels(self.spec.name, out.topic).inc()
+
         while True:
-            await asyncio.sleep(interval)
             try:
-                outputs = await asyncio.to_thread(fn)
-                if outputs and self.producer is not None:
-                    await produce_all(self.producer, outputs)
+                await asyncio.to_thread(fn, produce)
             except Exception as exc:
                 ERRORS.labels(self.spec.name, "periodic").inc()
                 log.warning("periodic task failed", task=getattr(fn, "__name__", "?"), error=str(exc))
+            await asyncio.sleep(interval)
 
 
 class _HandBack(Exception):

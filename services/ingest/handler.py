@@ -1,0 +1,253 @@
+"""ingest: a new object in the uploads bucket becomes a validated, de-identified, pinned slide.
+
+Input: MinIO-format S3 notifications (``s3:ObjectCreated:*``, URL-encoded keys) on
+``wsi.bucket-events``, from MinIO itself or from this service's own bucket poller. Output: one
+``SlideIngested`` (metadata, the source pinned by ETag/version and checksum, the pipeline profile)
+or one ``SlideRejected`` with a reason a person can act on.
+
+Slide identity is the file's content: the SHA-256 of its bytes (first 32 hex digits). The same scan
+uploaded under two keys is one slide with two sources; a different file uploaded under an existing
+key is a new slide. Decoding runs in a memory-limited child process (shared/isolation.py), so a
+malicious file cannot take the service down.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_plus
+
+from wsitk.shared.bus.kafka import Outgoing
+from wsitk.shared.bus.runtime import Incoming
+from wsitk.shared.context import ServiceContext
+from wsitk.shared.contracts import deterministic_id, new_meta, pb
+from wsitk.shared.errors import PermanentError
+from wsitk.shared.isolation import IsolatedRunner
+from wsitk.shared.logging import get_logger
+from wsitk.shared.topics import SLIDES_INGESTED, SLIDES_REJECTED
+
+SERVICE = "ingest"
+MAX_KEY_BYTES = 1024
+log = get_logger()
+
+
+@dataclass(frozen=True)
+class UploadNotice:
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    version_id: str
+
+
+def parse_bucket_event(value: bytes) -> list[UploadNotice]:
+    """MinIO/S3 notification JSON -> the created objects it announces (other event kinds ignored)."""
+    try:
+        body = json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PermanentError("malformed-event", f"bucket event is not JSON: {exc}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("Records"), list):
+        raise PermanentError("malformed-event", "bucket event has no Records list (not an S3 notification)")
+    notices = []
+    for record in body["Records"]:
+        try:
+            name = str(record.get("eventName", ""))
+            if not name.startswith(("s3:ObjectCreated:", "ObjectCreated:")):
+                continue
+            s3 = record["s3"]
+            key = unquote_plus(str(s3["object"]["key"]))
+            notices.append(
+                UploadNotice(
+                    bucket=str(s3["bucket"]["name"]),
+                    key=key,
+                    size=int(s3["object"].get("size", 0) or 0),
+                    etag=str(s3["object"].get("eTag", "") or "").strip('"'),
+                    version_id=str(s3["object"].get("versionId", "") or ""),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PermanentError(
+                "malformed-event", f"bucket event record lacks s3.bucket/object: {exc}"
+            ) from exc
+    return notices
+
+
+def make_bucket_event(bucket: str, key: str, size: int, etag: str, version_id: str = "") -> bytes:
+    """The MinIO notification format, as the poller and `wsi submit` emit it."""
+    from urllib.parse import quote_plus
+
+    record = {
+        "eventVersion": "2.0",
+        "eventSource": "minio:s3",
+        "eventName": "s3:ObjectCreated:Put",
+        "s3": {
+            "bucket": {"name": bucket},
+            "object": {"key": quote_plus(key, safe="/"), "size": size, "eTag": etag, "versionId": version_id},
+        },
+    }
+    return json.dumps(
+        {"EventName": "s3:ObjectCreated:Put", "Key": f"{bucket}/{key}", "Records": [record]}
+    ).encode()
+
+
+def _inspect_in_child(path: str, max_pixels: int, mpp_override: float) -> dict[str, Any]:
+    """Runs in the isolated child: open + validate with OpenSlide 4; returns metadata or a rejection."""
+    from wsitk.shared.slides.reader import SlideRejected, inspect_slide
+
+    try:
+        info = inspect_slide(Path(path), max_pixels=max_pixels, mpp_override=mpp_override)
+    except SlideRejected as exc:
+        return {"rejected": True, "code": exc.code, "reason": exc.reason}
+    return {
+        "rejected": False,
+        "vendor": info.vendor,
+        "width": info.width,
+        "height": info.height,
+        "levels": [
+            {
+                "width": lv.width,
+                "height": lv.height,
+                "downsample": lv.downsample,
+                "tile_width": lv.tile_width,
+                "tile_height": lv.tile_height,
+            }
+            for lv in info.levels
+        ],
+        "mpp_x": info.mpp_x,
+        "mpp_y": info.mpp_y,
+        "mpp_source": info.mpp_source,
+        "objective_power": info.objective_power or 0.0,
+        "has_icc_profile": info.has_icc_profile,
+        "associated_images": list(info.associated_images),
+        "file_size": info.file_size,
+    }
+
+
+class IngestHandler:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.isolated = IsolatedRunner(ctx.settings.isolation_memory_bytes, timeout_s=600)
+
+    def handle(self, message: Incoming) -> list[Outgoing]:
+        outputs: list[Outgoing] = []
+        for notice in parse_bucket_event(message.value):
+            if notice.bucket != self.ctx.settings.uploads_bucket:
+                log.info("ignoring object outside the uploads bucket", bucket=notice.bucket)
+                continue
+            outputs += self.ingest(notice)
+        return outputs
+
+    def ingest(self, notice: UploadNotice) -> list[Outgoing]:
+        settings = self.ctx.settings
+        if len(notice.key.encode()) > MAX_KEY_BYTES:
+            return [
+                self._rejected(
+                    "", notice, None, "bad-object-key", f"object key longer than {MAX_KEY_BYTES} bytes"
+                )
+            ]
+        stored = self.ctx.store.stat(notice.bucket, notice.key)
+        if stored is None:
+            log.warning("uploaded object is gone; nothing to ingest", upload_key=notice.key)
+            return []
+        path, digest = self.ctx.cache.fetch(
+            self.ctx.store, notice.bucket, notice.key, version_id=stored.version_id, etag=stored.etag
+        )
+        slide_id = digest[:32]
+        source = pb.ObjectRef(
+            bucket=notice.bucket,
+            key=notice.key,
+            size=stored.size,
+            sha256=digest,
+            version_id=stored.version_id,
+            etag=stored.etag,
+        )
+        try:
+            result = self.isolated.run(
+                f"opening {notice.key}",
+                _inspect_in_child,
+                str(path),
+                settings.max_slide_pixels,
+                settings.mpp_override,
+            )
+        except PermanentError as exc:  # the decoder crashed or ran out of memory: reject, don't crash-loop
+            return [self._rejected(slide_id, notice, source, exc.code, exc.reason)]
+        finally:
+            path.unlink(missing_ok=True)  # tiler fetches by checksum; ingest keeps no copy
+        if result["rejected"]:
+            reason = str(result["reason"]).replace(path.name, notice.key)
+            return [self._rejected(slide_id, notice, source, str(result["code"]), reason)]
+        profile = self.ctx.current_profile()
+        metadata = pb.SlideMetadata(
+            vendor=result["vendor"],
+            width=result["width"],
+            height=result["height"],
+            levels=[pb.SlideLevel(**level) for level in result["levels"]],
+            mpp_x=result["mpp_x"],
+            mpp_y=result["mpp_y"],
+            mpp_source=result["mpp_source"],
+            objective_power=result["objective_power"],
+            has_icc_profile=result["has_icc_profile"],
+            associated_images=result["associated_images"],
+            file_size=result["file_size"],
+        )
+        event = pb.SlideIngested(
+            meta=new_meta(
+                service=SERVICE,
+                slide_id=slide_id,
+                event_parts=["ingested", notice.bucket, notice.key, stored.etag, profile.profile_id],
+            ),
+            source=source,
+            upload_key=notice.key,
+            metadata=metadata,
+            profile=profile,
+            additional_source=self._known_under_other_key(slide_id, notice.key),
+        )
+        log.info(
+            "slide ingested",
+            slide_id=slide_id,
+            vendor=metadata.vendor,
+            width=metadata.width,
+            height=metadata.height,
+        )
+        return [Outgoing(SLIDES_INGESTED, slide_id, event)]
+
+    def _known_under_other_key(self, slide_id: str, key: str) -> bool:
+        rows = self.ctx.db.execute(
+            "SELECT 1 FROM slide_sources WHERE slide_id = %s AND upload_key <> %s LIMIT 1", (slide_id, key)
+        )
+        return bool(rows)
+
+    def _rejected(
+        self, slide_id: str, notice: UploadNotice, source: pb.ObjectRef | None, code: str, reason: str
+    ) -> Outgoing:
+        slide_id = slide_id or deterministic_id("upload", notice.bucket, notice.key, notice.etag).replace(
+            "-", ""
+        )
+        event = pb.SlideRejected(
+            meta=new_meta(
+                service=SERVICE,
+                slide_id=slide_id,
+                event_parts=["rejected", notice.bucket, notice.key, notice.etag],
+            ),
+            upload_key=notice.key,
+            reason_code=code,
+            reason=reason,
+        )
+        if source is not None:
+            event.source.CopyFrom(source)
+        log.warning("slide rejected", slide_id=slide_id, reason_code=code, reason=reason)
+        return Outgoing(SLIDES_REJECTED, slide_id, event)
+
+    def on_dead_letter(self, message: Incoming, error: BaseException) -> list[Outgoing]:
+        """A bucket event that failed every attempt still ends as a public, readable rejection."""
+        try:
+            notices = parse_bucket_event(message.value)
+        except PermanentError:
+            return []
+        reason = (
+            f"ingest could not process this upload after repeated attempts ({type(error).__name__}: {error}); "
+            "it was dead-lettered and can be replayed with `wsi redrive` once fixed"
+        )
+        return [self._rejected("", n, None, "ingest-failed", reason) for n in notices]

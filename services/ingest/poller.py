@@ -1,0 +1,93 @@
+"""The bucket poller (for S3 servers without notifications) and the reconciler.
+
+Poller: lists the uploads bucket and announces each object (key + ETag) it has not announced
+before, in MinIO's notification format, on ``wsi.bucket-events``. What it announced is recorded in
+PostgreSQL *after* the broker acknowledged it, so a crash in between announces twice (harmless:
+ingest is idempotent) and never zero times. Only one replica polls at a time (an advisory lock).
+
+Reconciler: the local broker forgets everything when it restarts, and any broker can lose an event
+to an operator's mistake; PostgreSQL and the object store keep the truth. Slides the recorder knows
+as unfinished whose progress stalled, and announced uploads that never became a slide, are
+announced again. Downstream stages reuse what they already stored, so a re-drive is cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from wsitk.services.ingest.handler import make_bucket_event
+from wsitk.shared.bus.kafka import Outgoing
+from wsitk.shared.context import ServiceContext
+from wsitk.shared.logging import get_logger
+from wsitk.shared.topics import BUCKET_EVENTS
+
+POLLER_LOCK_ID = 0x57_53_49_01  # "WSI" + 1
+TERMINAL_STATUSES = ("predicted", "rejected", "failed", "no_tissue")
+log = get_logger()
+
+Produce = Callable[[list[Outgoing]], None]
+
+
+def poll_bucket(ctx: ServiceContext, produce: Produce, limit: int = 500) -> int:
+    """Announce new uploads; returns how many were announced."""
+    bucket = ctx.settings.uploads_bucket
+    (locked,) = ctx.db.execute("SELECT pg_try_advisory_lock(%s)", (POLLER_LOCK_ID,))[0]
+    if not locked:
+        return 0
+    seen = {
+        (k, e)
+        for k, e in ctx.db.execute(
+            "SELECT object_key, etag FROM poller_seen_objects WHERE bucket = %s", (bucket,)
+        )
+    }
+    fresh = []
+    for obj in ctx.store.list_keys(bucket):
+        if (obj.key, obj.etag) not in seen:
+            fresh.append(obj)
+        if len(fresh) >= limit:
+            break
+    if not fresh:
+        return 0
+    produce(
+        [
+            Outgoing(BUCKET_EVENTS, f"{bucket}/{o.key}", raw=make_bucket_event(bucket, o.key, o.size, o.etag))
+            for o in fresh
+        ]
+    )
+    with ctx.db.transaction() as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO poller_seen_objects (bucket, object_key, etag) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            [(bucket, o.key, o.etag) for o in fresh],
+        )
+    log.info("bucket poller announced uploads", count=len(fresh))
+    return len(fresh)
+
+
+def reconcile(ctx: ServiceContext, produce: Produce, stalled_after_s: float) -> int:
+    """Re-announce unfinished slides and announced-but-never-ingested uploads. Returns the count."""
+    rows = ctx.db.execute(
+        """
+        SELECT DISTINCT ON (s.slide_id) src.bucket, src.upload_key, src.etag
+        FROM slides s JOIN slide_sources src ON src.slide_id = s.slide_id
+        WHERE s.status <> ALL(%s) AND s.updated_at < now() - make_interval(secs => %s)
+        UNION
+        SELECT p.bucket, p.object_key, p.etag FROM poller_seen_objects p
+        WHERE p.seen_at < now() - make_interval(secs => %s)
+          AND NOT EXISTS (SELECT 1 FROM slide_sources src WHERE src.bucket = p.bucket AND src.upload_key = p.object_key)
+        """,
+        (list(TERMINAL_STATUSES), stalled_after_s, stalled_after_s),
+    )
+    outputs = []
+    for bucket, key, _etag in rows:
+        stored = ctx.store.stat(bucket, key)
+        if stored is None:
+            continue
+        outputs.append(
+            Outgoing(
+                BUCKET_EVENTS, f"{bucket}/{key}", raw=make_bucket_event(bucket, key, stored.size, stored.etag)
+            )
+        )
+    if outputs:
+        produce(outputs)
+        log.info("reconciler re-announced unfinished uploads", count=len(outputs))
+    return len(outputs)

@@ -1,0 +1,265 @@
+"""recorder: every event of the pipeline becomes PostgreSQL rows; the only writer of pipeline state.
+
+A batch of events is written in one transaction, all upserts: a redelivered event changes nothing
+but its audit row's ``deliveries`` count, which makes absorbed redeliveries visible. Status moves
+forward only (a late "ingested" never demotes a "predicted" slide). The recorder also enforces each
+slide's deadline: a slide stuck past ``WSI_SLIDE_DEADLINE_S`` is failed explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from google.protobuf.message import Message
+from psycopg.types.json import Jsonb
+from wsitk.shared.bus.kafka import Outgoing
+from wsitk.shared.bus.runtime import Incoming
+from wsitk.shared.context import ServiceContext
+from wsitk.shared.contracts import new_meta, pb, to_json_dict
+from wsitk.shared.logging import get_logger
+from wsitk.shared.topics import SLIDES_FAILED
+
+SERVICE = "recorder"
+log = get_logger()
+
+# Forward-only status order; terminal outcomes outrank progress, and a prediction outranks a failure
+# (a slide failed once and re-driven successfully ends as predicted).
+STATUS_RANK = {"ingested": 1, "tiled": 2, "failed": 8, "no_tissue": 8, "rejected": 8, "predicted": 9}
+UPSERT_STATUS = """
+INSERT INTO slides (slide_id, status, reason_code, status_reason, stage, updated_at)
+VALUES (%(slide_id)s, %(status)s, %(code)s, %(reason)s, %(stage)s, now())
+ON CONFLICT (slide_id) DO UPDATE SET
+  status = CASE WHEN %(rank)s >= (CASE slides.status {cases} ELSE 0 END) THEN EXCLUDED.status ELSE slides.status END,
+  reason_code = CASE WHEN %(rank)s >= (CASE slides.status {cases} ELSE 0 END) THEN EXCLUDED.reason_code
+                ELSE slides.reason_code END,
+  status_reason = CASE WHEN %(rank)s >= (CASE slides.status {cases} ELSE 0 END) THEN EXCLUDED.status_reason
+                  ELSE slides.status_reason END,
+  stage = EXCLUDED.stage,
+  updated_at = now(),
+  finished_at = CASE WHEN %(rank)s >= 8 AND %(rank)s >= (CASE slides.status {cases} ELSE 0 END) THEN now()
+                ELSE slides.finished_at END
+""".format(cases=" ".join(f"WHEN '{k}' THEN {v}" for k, v in STATUS_RANK.items()))
+
+
+def _set_status(
+    cur: psycopg.Cursor, slide_id: str, status: str, stage: str, code: str = "", reason: str = ""
+) -> None:
+    cur.execute(
+        UPSERT_STATUS,
+        {
+            "slide_id": slide_id,
+            "status": status,
+            "code": code or None,
+            "reason": reason or None,
+            "stage": stage,
+            "rank": STATUS_RANK[status],
+        },
+    )
+
+
+def _ingested(cur: psycopg.Cursor, e: pb.SlideIngested) -> None:
+    _set_status(cur, e.meta.slide_id, "ingested", "ingest")
+    m = e.metadata
+    cur.execute(
+        "UPDATE slides SET vendor=%s, width=%s, height=%s, mpp=%s, mpp_source=%s, objective_power=%s, metadata=%s, "
+        "profile_id=%s, profile=%s, file_size=%s, source_sha256=%s WHERE slide_id=%s",
+        (
+            m.vendor,
+            m.width,
+            m.height,
+            m.mpp_x,
+            m.mpp_source,
+            m.objective_power,
+            Jsonb(to_json_dict(m)),
+            e.profile.profile_id,
+            Jsonb(to_json_dict(e.profile)),
+            m.file_size,
+            e.source.sha256,
+            e.meta.slide_id,
+        ),
+    )
+    _source(cur, e.meta.slide_id, e.source, e.upload_key)
+
+
+def _source(cur: psycopg.Cursor, slide_id: str, source: pb.ObjectRef, upload_key: str) -> None:
+    cur.execute(
+        "INSERT INTO slide_sources (bucket, upload_key, etag, version_id, slide_id) VALUES (%s, %s, %s, %s, %s) "
+        "ON CONFLICT DO NOTHING",
+        (source.bucket, upload_key, source.etag, source.version_id, slide_id),
+    )
+
+
+def _rejected(cur: psycopg.Cursor, e: pb.SlideRejected) -> None:
+    _set_status(cur, e.meta.slide_id, "rejected", "ingest", e.reason_code, e.reason)
+    if e.source.bucket:
+        _source(cur, e.meta.slide_id, e.source, e.upload_key)
+
+
+def _plan(cur: psycopg.Cursor, e: pb.TilePlan) -> None:
+    _set_status(cur, e.meta.slide_id, "tiled", "tiler")
+    cur.execute(
+        "UPDATE slides SET tiling_run_id=%s, shards_planned=%s, total_tiles=%s, tissue_area_mm2=%s WHERE slide_id=%s",
+        (e.tiling_run_id, len(e.shard_ids), e.total_tiles, e.tissue_area_mm2, e.meta.slide_id),
+    )
+
+
+def _progress(stage: str) -> Callable[[psycopg.Cursor, Any], None]:
+    def record(cur: psycopg.Cursor, e: Any) -> None:
+        detail = {"tiles": int(getattr(e, "tile_count", 0))}
+        cur.execute(
+            "INSERT INTO stage_progress (slide_id, tiling_run_id, stage, shard_id, event_id, detail) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (e.meta.slide_id, e.tiling_run_id, stage, e.shard_id, e.meta.event_id, Jsonb(detail)),
+        )
+        cur.execute("UPDATE slides SET updated_at = now() WHERE slide_id = %s", (e.meta.slide_id,))
+        if isinstance(e, pb.QcResult):
+            cur.execute(
+                "INSERT INTO qc_summaries (slide_id, tiling_run_id, shard_id, tile_count, accepted_count, "
+                "rejected_by_reason) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (
+                    e.meta.slide_id,
+                    e.tiling_run_id,
+                    e.shard_id,
+                    e.tile_count,
+                    e.accepted_count,
+                    Jsonb(dict(e.rejected_by_reason)),
+                ),
+            )
+
+    return record
+
+
+def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
+    cur.execute(
+        "INSERT INTO predictions (prediction_id, slide_id, tiling_run_id, model_version, backbone_id, label, "
+        "probability, threshold, scores, tiles_scored, tiles_total, top_tiles, attention_ref, event_id, produced_at) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (
+            e.prediction_id,
+            e.meta.slide_id,
+            e.tiling_run_id,
+            e.model_version,
+            e.backbone_id,
+            e.label,
+            e.probability,
+            e.threshold,
+            Jsonb(dict(e.scores)),
+            e.tiles_scored,
+            e.tiles_total,
+            Jsonb([to_json_dict(t) for t in e.top_tiles]),
+            Jsonb(to_json_dict(e.attention)),
+            e.meta.event_id,
+            e.meta.produced_at.ToDatetime(),
+        ),
+    )
+    _set_status(cur, e.meta.slide_id, "predicted", "mil-scorer")
+
+
+def _failed(cur: psycopg.Cursor, e: pb.SlideFailed) -> None:
+    status = "no_tissue" if e.reason_code == "no-tissue" else "failed"
+    _set_status(cur, e.meta.slide_id, status, e.stage, e.reason_code, e.reason)
+
+
+def _dead_letter(cur: psycopg.Cursor, e: pb.DeadLetter) -> None:
+    cur.execute(
+        "INSERT INTO dead_letters (event_id, slide_id, service, source_topic, source_partition, source_offset, "
+        "error_type, error, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (
+            e.meta.event_id,
+            e.meta.slide_id,
+            e.service,
+            e.source_topic,
+            e.source_partition,
+            e.source_offset,
+            e.error_type,
+            e.error,
+            e.attempts,
+        ),
+    )
+
+
+WRITERS: dict[type[Message], Callable[[psycopg.Cursor, Any], None]] = {
+    pb.SlideIngested: _ingested,
+    pb.SlideRejected: _rejected,
+    pb.TilePlan: _plan,
+    pb.TileShard: _progress("tiler"),
+    pb.QcResult: _progress("quality-filter"),
+    pb.ShardEmbedding: _progress("embedder"),
+    pb.Prediction: _prediction,
+    pb.SlideFailed: _failed,
+    pb.DeadLetter: _dead_letter,
+}
+
+
+def _audit(cur: psycopg.Cursor, message: Incoming) -> None:
+    e: Any = message.event
+    summary = {"partition": message.partition, "offset": message.offset}
+    cur.execute(
+        "INSERT INTO audit_log (event_id, topic, event_type, slide_id, producer, summary) "
+        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO UPDATE SET "
+        "deliveries = audit_log.deliveries + 1, last_seen_at = now()",
+        (
+            e.meta.event_id,
+            message.topic,
+            type(e).__name__,
+            e.meta.slide_id,
+            e.meta.producer.service,
+            Jsonb(summary),
+        ),
+    )
+
+
+class RecorderHandler:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    def handle_batch(self, messages: list[Incoming]) -> list[list[Outgoing] | BaseException]:
+        """One transaction for the whole batch; on a bad event, fall back to one at a time to isolate it."""
+        try:
+            with self.ctx.db.transaction() as conn, conn.cursor() as cur:
+                for message in messages:
+                    self._write(cur, message)
+            return [[] for _ in messages]
+        except psycopg.DataError:
+            results: list[list[Outgoing] | BaseException] = []
+            for message in messages:
+                try:
+                    with self.ctx.db.transaction() as conn, conn.cursor() as cur:
+                        self._write(cur, message)
+                    results.append([])
+                except psycopg.DataError as exc:
+                    results.append(exc)
+            return results
+
+    def _write(self, cur: psycopg.Cursor, message: Incoming) -> None:
+        event = message.event
+        assert event is not None
+        _audit(cur, message)
+        WRITERS[type(event)](cur, event)
+
+    def enforce_deadlines(self, produce: Callable[[list[Outgoing]], None]) -> None:
+        deadline = self.ctx.settings.slide_deadline_s
+        rows = self.ctx.db.execute(
+            "SELECT slide_id, status, tiling_run_id FROM slides WHERE status IN ('ingested', 'tiled') "
+            "AND first_seen_at < now() - make_interval(secs => %s)",
+            (deadline,),
+        )
+        outputs = []
+        for slide_id, status, run_id in rows:
+            event = pb.SlideFailed(
+                meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=["deadline", run_id or ""]),
+                stage=SERVICE,
+                reason_code="deadline-exceeded",
+                reason=f"slide still '{status}' after the {deadline} s deadline (WSI_SLIDE_DEADLINE_S); "
+                "check the dead letters and service logs for this slide id, then `wsi rescore` or re-upload",
+                tiling_run_id=run_id or "",
+            )
+            outputs.append(Outgoing(SLIDES_FAILED, slide_id, event))
+        if outputs:
+            produce(outputs)
+            log.warning(
+                "slides failed by deadline", count=len(outputs), slide_ids=json.dumps([r[0] for r in rows])
+            )

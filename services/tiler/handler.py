@@ -1,0 +1,261 @@
+"""tiler: an ingested slide becomes its tile plan, then shards of tissue tiles at a physical resolution.
+
+For each ``SlideIngested`` the tiler (1) fetches the slide into the local cache, verifying the
+checksum pinned at ingest, (2) in a memory-limited child process finds tissue on a thumbnail and
+cuts tiles of ``tile_size`` pixels at ``target_mpp`` micrometres per pixel, packing them into
+shards, (3) stores the shards, the tissue mask and polygons, and last a manifest, all put-if-absent,
+and (4) publishes the ``TilePlan`` and then one ``TileShard`` per shard.
+
+The tiling run id is deterministic (slide id + profile id), and so are every key and event id: a
+redelivered or re-driven slide finds the manifest and re-publishes the same events without reading
+a pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+from wsitk.shared.bus.kafka import Outgoing
+from wsitk.shared.bus.runtime import Incoming
+from wsitk.shared.context import ServiceContext
+from wsitk.shared.contracts import new_meta, pb, tiling_run_id
+from wsitk.shared.errors import PermanentError
+from wsitk.shared.isolation import IsolatedRunner
+from wsitk.shared.logging import get_logger
+from wsitk.shared.metrics import TILES
+from wsitk.shared.objectstore import StoredObject
+from wsitk.shared.topics import SLIDES_FAILED, TILE_PLANS, TILE_SHARDS
+
+SERVICE = "tiler"
+log = get_logger()
+
+
+def shard_id_for(index: int) -> str:
+    return f"s{index:05d}"
+
+
+def tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dict[str, Any]:
+    """Runs in the isolated child. Writes shard files + mask files into ``out_dir``; returns the plan.
+
+    A slide that cannot be tiled as profiled comes back as ``{"rejected": code, "reason": ...}``
+    (exceptions with extra fields do not cross the process boundary intact).
+    """
+    from wsitk.shared.slides.reader import SlideRejected
+
+    try:
+        return _tile_slide(path, profile_json, out_dir, slide_id)
+    except SlideRejected as exc:
+        return {"rejected": exc.code, "reason": exc.reason}
+
+
+def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dict[str, Any]:
+    import numpy as np
+    import openslide
+    from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
+    from wsitk.shared.slides.reader import mpp_for
+    from wsitk.shared.slides.tiling import iter_tiles, plan_tiles
+    from wsitk.shared.slides.tissue import segment_tissue
+
+    profile = json_format.Parse(profile_json, pb.PipelineProfile())
+    out = Path(out_dir)
+    with openslide.OpenSlide(path) as slide:
+        mpp = mpp_for(slide.properties, profile.mpp_override)
+        mpp0 = float(mpp.x)
+        width, height = slide.dimensions
+        tissue = segment_tissue(slide, mpp0=mpp0)
+        grid = plan_tiles(
+            width,
+            height,
+            mpp0,
+            tissue,
+            target_mpp=profile.target_mpp,
+            tile_size=profile.tile_size,
+            min_tissue_fraction=profile.min_tissue_fraction,
+            level_downsamples=list(slide.level_downsamples),
+        )
+        np.save(out / "mask.npy", tissue.mask)
+        (out / "tissue.geojson").write_text(json.dumps(tissue.polygons))
+        coords = np.asarray(grid.coords).reshape(-1, 2)
+        per_shard = int(profile.tiles_per_shard)
+        shards = []
+        for index, start in enumerate(range(0, len(coords), per_shard)):
+            indices = list(range(start, min(start + per_shard, len(coords))))
+            tiles = (
+                ShardTile(int(coords[i][0]), int(coords[i][1]), encode_jpeg(tile))
+                for i, tile in iter_tiles(slide, grid, indices)
+            )
+            header = {
+                "slide_id": slide_id,
+                "shard_id": shard_id_for(index),
+                "tile_size": int(profile.tile_size),
+                "mpp": float(profile.target_mpp),
+                "tile_size_level0": float(grid.tile_size_level0),
+                "level": int(grid.level),
+            }
+            data = pack_shard(header, tiles)
+            (out / f"{shard_id_for(index)}.shard").write_bytes(data)
+            shards.append({"shard_id": shard_id_for(index), "tile_count": len(indices)})
+    return {
+        "level": int(grid.level),
+        "level0_mpp": mpp0,
+        "tile_size_level0": float(grid.tile_size_level0),
+        "tissue_area_mm2": float(tissue.area_mm2),
+        "width": int(width),
+        "height": int(height),
+        "total_tiles": len(coords),
+        "shards": shards,
+    }
+
+
+class SlideUntileable(PermanentError):
+    """The slide opens but cannot be tiled as profiled (e.g. scanned coarser than the target MPP)."""
+
+
+class TilerHandler:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.isolated = IsolatedRunner(ctx.settings.isolation_memory_bytes, timeout_s=3600)
+
+    def handle(self, message: Incoming) -> list[Outgoing]:
+        event = message.event
+        assert isinstance(event, pb.SlideIngested)
+        slide_id = event.meta.slide_id
+        run_id = tiling_run_id(slide_id, event.profile)
+        prefix = f"tiles/{slide_id}/{run_id}"
+        bucket = self.ctx.settings.artifacts_bucket
+        manifest_ref = self.ctx.store.stat(bucket, f"{prefix}/manifest.json")
+        if manifest_ref is not None:
+            manifest = json.loads(self.ctx.store.get_bytes(bucket, f"{prefix}/manifest.json"))
+            log.info("tiling run already stored; re-publishing its events", tiling_run_id=run_id)
+        else:
+            try:
+                manifest = self._tile(event, run_id, prefix)
+            except SlideUntileable as exc:  # deterministic and explained: fail the slide now, no retries
+                failed = pb.SlideFailed(
+                    meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=["untileable", run_id]),
+                    stage=SERVICE,
+                    reason_code=exc.code,
+                    reason=exc.reason,
+                    tiling_run_id=run_id,
+                )
+                return [Outgoing(SLIDES_FAILED, slide_id, failed)]
+        return self._events(event, run_id, manifest)
+
+    def _tile(self, event: pb.SlideIngested, run_id: str, prefix: str) -> dict[str, Any]:
+        store, bucket = self.ctx.store, self.ctx.settings.artifacts_bucket
+        source = event.source
+        path, _ = self.ctx.cache.fetch(
+            store, source.bucket, source.key, version_id=source.version_id, expected_sha256=source.sha256
+        )
+        work = Path(tempfile.mkdtemp(prefix="wsi-tiler-", dir=self.ctx.settings.cache_dir))
+        try:
+            profile_json = json_format.MessageToJson(event.profile)
+            plan = self.isolated.run(
+                f"tiling {event.meta.slide_id}",
+                tile_slide,
+                str(path),
+                profile_json,
+                str(work),
+                event.meta.slide_id,
+            )
+            if "rejected" in plan:
+                raise SlideUntileable(plan["rejected"], plan["reason"])
+            refs: dict[str, StoredObject] = {}
+            for shard in plan["shards"]:
+                refs[shard["shard_id"]] = store.put_file_if_absent(
+                    bucket, f"{prefix}/{shard['shard_id']}.shard", work / f"{shard['shard_id']}.shard"
+                )
+            mask_ref = store.put_file_if_absent(bucket, f"{prefix}/tissue-mask.npy", work / "mask.npy")
+            polygons_ref = store.put_file_if_absent(
+                bucket, f"{prefix}/tissue.geojson", work / "tissue.geojson"
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        manifest = {
+            **plan,
+            "tiling_run_id": run_id,
+            "shard_refs": {sid: _ref_dict(ref) for sid, ref in refs.items()},
+            "tissue_mask": _ref_dict(mask_ref),
+            "tissue_polygons": _ref_dict(polygons_ref),
+        }
+        store.put_if_absent(
+            bucket, f"{prefix}/manifest.json", json.dumps(manifest).encode(), "application/json"
+        )
+        TILES.labels(SERVICE, "planned").inc(plan["total_tiles"])
+        log.info(
+            "slide tiled",
+            tiling_run_id=run_id,
+            tiles=plan["total_tiles"],
+            shards=len(plan["shards"]),
+            level=plan["level"],
+        )
+        return manifest
+
+    def _events(self, event: pb.SlideIngested, run_id: str, manifest: dict[str, Any]) -> list[Outgoing]:
+        slide_id = event.meta.slide_id
+        profile = event.profile
+        shard_ids = [s["shard_id"] for s in manifest["shards"]]
+        plan = pb.TilePlan(
+            meta=new_meta(
+                service=SERVICE,
+                slide_id=slide_id,
+                event_parts=["plan", run_id],
+                correlation_id=event.meta.correlation_id,
+            ),
+            tiling_run_id=run_id,
+            profile=profile,
+            shard_ids=shard_ids,
+            total_tiles=manifest["total_tiles"],
+            tissue_area_mm2=manifest["tissue_area_mm2"],
+            level=manifest["level"],
+            level0_mpp=manifest["level0_mpp"],
+            tissue_mask=pb.ObjectRef(**manifest["tissue_mask"]),
+            slide_width=manifest["width"],
+            slide_height=manifest["height"],
+            tile_size_level0=round(manifest["tile_size_level0"]),
+        )
+        outputs = [Outgoing(TILE_PLANS, slide_id, plan)]
+        if not shard_ids:
+            failed = pb.SlideFailed(
+                meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=["no-tissue", run_id]),
+                stage=SERVICE,
+                reason_code="no-tissue",
+                reason="no tissue was found on this slide (the tissue mask is empty at "
+                f"min_tissue_fraction={profile.min_tissue_fraction}); check the scan, or lower WSI_MIN_TISSUE_FRACTION",
+                tiling_run_id=run_id,
+            )
+            outputs.append(Outgoing(SLIDES_FAILED, slide_id, failed))
+        for index, shard in enumerate(manifest["shards"]):
+            sid = shard["shard_id"]
+            tile_shard = pb.TileShard(
+                meta=new_meta(
+                    service=SERVICE,
+                    slide_id=slide_id,
+                    event_parts=["shard", run_id, sid],
+                    correlation_id=event.meta.correlation_id,
+                ),
+                tiling_run_id=run_id,
+                shard_id=sid,
+                shard_index=index,
+                shard=pb.ObjectRef(**manifest["shard_refs"][sid]),
+                tile_count=shard["tile_count"],
+                profile=profile,
+            )
+            outputs.append(Outgoing(TILE_SHARDS, f"{slide_id}/{sid}", tile_shard))
+        return outputs
+
+
+def _ref_dict(ref: StoredObject) -> dict[str, Any]:
+    return {
+        "bucket": ref.bucket,
+        "key": ref.key,
+        "size": ref.size,
+        "sha256": ref.sha256,
+        "etag": ref.etag,
+        "version_id": ref.version_id,
+    }

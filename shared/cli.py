@@ -1,0 +1,123 @@
+"""``wsi``: one command line for running, feeding and inspecting the pipeline.
+
+Every subcommand imports what it needs when it runs, so ``wsi --help`` stays instant and a service
+image carries only its own dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+SERVICES = {
+    "ingest": "wsitk.services.ingest.main",
+    "tiler": "wsitk.services.tiler.main",
+    "quality-filter": "wsitk.services.quality_filter.main",
+    "embedder": "wsitk.services.embedder.main",
+    "mil-scorer": "wsitk.services.mil_scorer.main",
+    "recorder": "wsitk.services.recorder.main",
+}
+
+
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        result: int = getattr(importlib.import_module(module), function)(args)
+        return result
+
+    return call
+
+
+def _add_lazy_arguments(parser: argparse.ArgumentParser, module: str, function: str) -> None:
+    getattr(importlib.import_module(module), function)(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsi",
+        description="WSI Toolkit: whole-slide images in an S3 bucket become MIL predictions, through six services.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stack = sub.add_parser("stack", help="the local broker, PostgreSQL and S3 servers (up/down/status)")
+    _add_lazy_arguments(stack, "wsitk.shared.stack.cli", "add_stack_arguments")
+    stack.set_defaults(handler=_lazy("wsitk.shared.stack.cli", "cli_stack"))
+
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["migrate"])
+    db.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_db"))
+
+    run = sub.add_parser("run", help="run one service in the foreground")
+    run.add_argument("service", choices=sorted(SERVICES))
+    run.set_defaults(handler=cli_run)
+
+    services = sub.add_parser("services", help="start/stop all six services as background processes")
+    services.add_argument("action", choices=["up", "down", "status", "restart"])
+    services.add_argument("--only", nargs="*", choices=sorted(SERVICES), help="act on these services only")
+    services.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_services"))
+
+    synth = sub.add_parser("synth", help="generate synthetic pyramidal slides with ground truth")
+    _add_lazy_arguments(synth, "wsitk.shared.slides.synth", "add_synth_arguments")
+    synth.set_defaults(handler=_lazy("wsitk.shared.slides.synth", "cli_synth"))
+
+    submit = sub.add_parser("submit", help="upload slide files into the watched uploads bucket")
+    submit.add_argument("files", nargs="+", type=Path)
+    submit.add_argument("--prefix", default="", help="key prefix in the bucket (e.g. a case or batch id)")
+    submit.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_submit"))
+
+    status = sub.add_parser("status", help="slides and predictions as the recorder has them")
+    status.add_argument("--limit", type=int, default=50)
+    status.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_status"))
+
+    events = sub.add_parser("events", help="public events (predictions, rejections, failures) as JSON lines")
+    events.add_argument("action", choices=["tail"])
+    events.add_argument("--topic", action="append", help="topic(s) to read (default: every public topic)")
+    events.add_argument("--follow", action="store_true", help="keep waiting for new events")
+    events.add_argument("--idle-timeout", type=float, default=5.0, help="stop after this long without events")
+    events.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_events"))
+
+    redrive = sub.add_parser("redrive", help="replay dead-lettered messages to their source topics")
+    redrive.add_argument("--service", help="only letters dead-lettered by this service")
+    redrive.add_argument("--slide", help="only letters of this slide id")
+    redrive.add_argument("--dry-run", action="store_true")
+    redrive.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_redrive"))
+
+    reconcile = sub.add_parser("reconcile", help="re-announce unfinished slides (after a broker restart)")
+    reconcile.add_argument("--stalled-after", type=float, default=0.0, help="seconds without progress")
+    reconcile.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_reconcile"))
+
+    model = sub.add_parser("model", help="models")
+    model.add_argument("action", choices=["init-defaults"])
+    model.add_argument("--model-dir", type=Path, default=None)
+    model.add_argument("--seed", type=int, default=0)
+    model.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_model"))
+
+    demo = sub.add_parser("demo", help="stack + services + synthetic slides in, predictions out")
+    demo.add_argument("--slides", type=int, default=6)
+    demo.add_argument("--size", default="6000x5000", help="slide size WxH in level-0 pixels")
+    demo.add_argument("--timeout", type=float, default=900.0)
+    demo.set_defaults(handler=_lazy("wsitk.shared.demo", "cli_demo"))
+    return parser
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    from wsitk.shared.config import load_settings
+
+    module = importlib.import_module(SERVICES[args.service])
+    result: int = module.main(load_settings())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""What a service's handler works with: settings, the object store, the database, the slide cache.
+
+Built once per process by the service's entry point and handed to its handler, so handlers can be
+unit-tested with a context pointing at a test stack (or the filesystem object store).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from wsitk.shared.cache import SlideCache
+from wsitk.shared.config import Settings
+from wsitk.shared.contracts import pb, profile_id
+from wsitk.shared.db.connection import Database
+from wsitk.shared.objectstore import ObjectStore, open_store
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    service: str
+    _store: ObjectStore | None = field(default=None, repr=False)
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        return self._store if self._store is not None else open_store(self.settings)
+
+    @cached_property
+    def db(self) -> Database:
+        return Database(self.settings.dsn())
+
+    @cached_property
+    def cache(self) -> SlideCache:
+        return SlideCache(self.settings.cache_dir / self.service, self.settings.cache_max_bytes)
+
+    def model_manifest(self) -> dict[str, Any]:
+        """The local model manifest (``$WSI_MODEL_DIR/models.json``), written by `wsi model init-defaults`."""
+        path = Path(self.settings.model_dir) / "models.json"
+        if not path.is_file():
+            return {}
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+
+    def current_profile(self) -> pb.PipelineProfile:
+        """The pipeline profile pinned on slides ingested now (settings + the active models)."""
+        manifest = self.model_manifest()
+        s = self.settings
+        profile = pb.PipelineProfile(
+            target_mpp=s.target_mpp,
+            tile_size=s.tile_size,
+            tiles_per_shard=s.tiles_per_shard,
+            encoder_id=str(manifest.get("backbone", {}).get("backbone_id", "")),
+            mil_model_version=str(manifest.get("mil", {}).get("model_version", "")),
+            min_tissue_fraction=s.min_tissue_fraction,
+            qc_min_tissue_fraction=s.qc_min_tissue_fraction,
+            qc_min_blur_variance=s.qc_min_blur_variance,
+            mpp_override=s.mpp_override,
+        )
+        profile.profile_id = profile_id(profile)
+        return profile

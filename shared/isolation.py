@@ -1,0 +1,86 @@
+"""Run risky decoding where a crash or an out-of-memory kill cannot take the service down.
+
+Slide decoders are C code reading untrusted files: a malformed slide can segfault or allocate
+without bound. Such work runs in a child process with an address-space limit and a timeout. If the
+child dies, the caller gets a ``PermanentError`` naming what happened (and the runtime's durable
+attempt count recognises the slide as poison after a restart, too); the next call gets a fresh
+child.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from wsitk.shared.errors import PermanentError
+
+T = TypeVar("T")
+
+
+def _limit_memory(max_bytes: int) -> None:
+    if max_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
+
+
+class IsolatedRunner:
+    """A single-worker process pool that is replaced whenever its worker dies or hangs."""
+
+    def __init__(self, memory_limit_bytes: int, timeout_s: float, max_tasks_per_child: int = 25) -> None:
+        self.memory_limit_bytes = memory_limit_bytes
+        self.timeout_s = timeout_s
+        self.max_tasks_per_child = max_tasks_per_child
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_limit_memory,
+                initargs=(self.memory_limit_bytes,),
+                max_tasks_per_child=self.max_tasks_per_child,
+            )
+        return self._pool
+
+    def _discard_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for process in list(getattr(pool, "_processes", {}).values()):
+                if process.is_alive():
+                    process.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            future = self._get_pool().submit(fn, *args)
+            try:
+                return future.result(timeout=self.timeout_s)
+            except BrokenProcessPool as exc:
+                self._discard_pool()
+                raise PermanentError(
+                    "decoder-crashed",
+                    f"{what}: the decoding process died (crash or out of memory, limit "
+                    f"{self.memory_limit_bytes // 2**20} MiB); the file is probably corrupt or malicious",
+                ) from exc
+            except FutureTimeout as exc:
+                self._discard_pool()
+                raise PermanentError(
+                    "decode-timeout", f"{what}: decoding took longer than {self.timeout_s:.0f} s"
+                ) from exc
+            except MemoryError as exc:
+                self._discard_pool()
+                raise PermanentError(
+                    "out-of-memory",
+                    f"{what}: decoding needed more than {self.memory_limit_bytes // 2**20} MiB",
+                ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard_pool()

@@ -1,0 +1,339 @@
+"""Operator commands behind ``wsi``: migrate, run the services, submit slides, read outcomes, redrive.
+
+Each ``cli_*`` function takes the parsed arguments and returns an exit code; the logic underneath
+(``services_up``, ``submit_files``, ``read_public_events``...) is callable from tests and the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from wsitk.shared.config import Settings, load_settings, wsi_home
+
+SERVICE_NAMES = ("ingest", "tiler", "quality-filter", "embedder", "mil-scorer", "recorder")
+
+
+# -- database -------------------------------------------------------------------------------------
+def cli_db(args: argparse.Namespace) -> int:
+    from wsitk.shared.db.migrate import migrate
+
+    settings = load_settings()
+    if settings.database_admin_url is None:
+        print(
+            "WSI_DATABASE_ADMIN_URL is not set: migrations run under the owner role, not the services' role",
+            file=sys.stderr,
+        )
+        return 2
+    applied = migrate(settings.dsn(admin=True), app_user=_app_user(settings))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def _app_user(settings: Settings) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    return str(conninfo_to_dict(settings.dsn()).get("user", "wsi_app"))
+
+
+# -- services as background processes ----------------------------------------------------------------
+def _run_dir() -> Path:
+    return wsi_home() / "run"
+
+
+def _log_dir() -> Path:
+    return wsi_home() / "logs"
+
+
+def services_up(names: Sequence[str] = SERVICE_NAMES, env: dict[str, str] | None = None) -> dict[str, int]:
+    """Start each service as its own detached process (``wsi run NAME``); returns pids."""
+    from wsitk.shared.stack.procs import running_pid, spawn_detached
+
+    pids = {}
+    for name in names:
+        pid_path = _run_dir() / f"service-{name}.pid"
+        existing = running_pid(pid_path, "wsi")
+        if existing:
+            pids[name] = existing
+            continue
+        command = [sys.executable, "-m", "wsitk.shared.cli", "run", name]
+        pids[name] = spawn_detached(
+            command, log_path=_log_dir() / f"{name}.log", pid_path=pid_path, env={**os.environ, **(env or {})}
+        )
+    return pids
+
+
+def services_down(names: Sequence[str] = SERVICE_NAMES, timeout_s: float = 30.0) -> list[str]:
+    from wsitk.shared.stack.procs import running_pid, terminate
+
+    stopped = []
+    for name in names:
+        pid_path = _run_dir() / f"service-{name}.pid"
+        pid = running_pid(pid_path, "wsi")
+        if pid:
+            terminate(pid, timeout_s=timeout_s)
+            stopped.append(name)
+        pid_path.unlink(missing_ok=True)
+    return stopped
+
+
+def services_status(names: Sequence[str] = SERVICE_NAMES) -> dict[str, int | None]:
+    from wsitk.shared.stack.procs import running_pid
+
+    return {name: running_pid(_run_dir() / f"service-{name}.pid", "wsi") for name in names}
+
+
+def cli_services(args: argparse.Namespace) -> int:
+    names = args.only or list(SERVICE_NAMES)
+    if args.action in {"down", "restart"}:
+        print("stopped:", ", ".join(services_down(names)) or "none running")
+    if args.action in {"up", "restart"}:
+        for name, pid in services_up(names).items():
+            print(f"{name:15s} pid {pid:>7d}  log {_log_dir() / (name + '.log')}")
+    if args.action == "status":
+        status = services_status(names)
+        for name, pid in status.items():
+            print(f"{name:15s} {'running pid ' + str(pid) if pid else 'stopped'}")
+        return 0 if all(status.values()) else 1
+    return 0
+
+
+# -- submit ---------------------------------------------------------------------------------------
+def submit_files(settings: Settings, files: Iterable[Path], prefix: str = "") -> list[str]:
+    """Upload files into the uploads bucket; the poller (or MinIO's notification) does the rest."""
+    from wsitk.shared.objectstore import S3ObjectStore
+
+    store = S3ObjectStore(settings)
+    keys = []
+    for path in files:
+        key = f"{prefix.strip('/')}/{path.name}" if prefix else path.name
+        store.client.fput_object(settings.uploads_bucket, key, str(path))
+        keys.append(key)
+    return keys
+
+
+def cli_submit(args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        print(f"not a file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    for key in submit_files(load_settings(), args.files, args.prefix):
+        print(f"uploaded s3://{load_settings().uploads_bucket}/{key}")
+    return 0
+
+
+# -- status ---------------------------------------------------------------------------------------
+def slide_table(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
+    from wsitk.shared.db.connection import Database
+
+    db = Database(settings.dsn())
+    try:
+        rows = db.execute(
+            """
+            SELECT s.slide_id, s.status, array_to_string(s.upload_keys, ', '), p.label, p.probability,
+                   p.model_version, s.total_tiles, s.reason_code, s.status_reason
+            FROM v_slide_status s
+            LEFT JOIN LATERAL (SELECT * FROM v_predictions vp WHERE vp.slide_id = s.slide_id
+                               ORDER BY vp.recorded_at DESC LIMIT 1) p ON true
+            ORDER BY s.first_seen_at DESC LIMIT %s
+            """,
+            (limit,),
+        )
+    finally:
+        db.close()
+    columns = [
+        "slide_id",
+        "status",
+        "upload_keys",
+        "label",
+        "probability",
+        "model_version",
+        "tiles",
+        "reason_code",
+        "reason",
+    ]
+    return [dict(zip(columns, row, strict=True)) for row in rows]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'upload key':32s} {'slide id':12s} {'status':10s} {'label':7s} {'P(tumour)':>9s} {'tiles':>6s}  detail"
+    ]
+    for row in rows:
+        probability = f"{row['probability']:.3f}" if row["probability"] is not None else ""
+        detail = row["reason"] or (row["model_version"] or "")
+        lines.append(
+            f"{(row['upload_keys'] or '')[:32]:32s} {row['slide_id'][:12]:12s} {row['status']:10s} {row['label'] or '':7s} "
+            f"{probability:>9s} {row['tiles'] or 0:>6d}  {detail[:120]}"
+        )
+    return "\n".join(lines)
+
+
+def cli_status(args: argparse.Namespace) -> int:
+    print(format_table(slide_table(load_settings(), args.limit)))
+    return 0
+
+
+# -- public events --------------------------------------------------------------------------------
+async def read_public_events(
+    settings: Settings, topics: Sequence[str], *, follow: bool = False, idle_timeout_s: float = 5.0
+) -> Any:
+    """Yield (topic, headers, json) for every event on the topics, from the beginning, without a group."""
+    from aiokafka import TopicPartition
+    from wsitk.shared.bus.kafka import make_consumer
+
+    consumer = make_consumer(settings, [], None)
+    await consumer.start()
+    try:
+        partitions = []
+        for name in topics:
+            for partition in consumer.partitions_for_topic(name) or await _partitions(consumer, name):
+                partitions.append(TopicPartition(name, partition))
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        idle_since = time.monotonic()
+        while True:
+            batch = await consumer.getmany(timeout_ms=500)
+            records = [r for rs in batch.values() for r in rs]
+            if records:
+                idle_since = time.monotonic()
+            for record in records:
+                try:
+                    body = json.loads(record.value or b"null")
+                except json.JSONDecodeError:
+                    body = {"undecodable": (record.value or b"")[:200].decode("utf-8", "replace")}
+                headers = {k: v.decode("utf-8", "replace") for k, v in (record.headers or [])}
+                yield record.topic, headers, body
+            if not follow and time.monotonic() - idle_since > idle_timeout_s:
+                return
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: Any, name: str) -> set[int]:
+    await consumer._client.force_metadata_update()  # topic metadata for assign() without a group
+    return consumer.partitions_for_topic(name) or set()
+
+
+def cli_events(args: argparse.Namespace) -> int:
+    from wsitk.shared.topics import topic_table
+
+    settings = load_settings()
+    topics = args.topic or [t.name for t in topic_table().values() if t.public]
+
+    async def tail() -> None:
+        async for name, headers, body in read_public_events(
+            settings, topics, follow=args.follow, idle_timeout_s=args.idle_timeout
+        ):
+            print(json.dumps({"topic": name, "type": headers.get("ce_type"), "event": body}), flush=True)
+
+    asyncio.run(tail())
+    return 0
+
+
+# -- redrive and reconcile ----------------------------------------------------------------------------
+async def redrive(
+    settings: Settings, *, service: str | None = None, slide: str | None = None, dry_run: bool = False
+) -> int:
+    """Replay dead letters (once each, by event id) to their source topics; mark them redriven."""
+    from aiokafka import TopicPartition
+    from wsitk.shared.bus.kafka import make_consumer, make_producer
+    from wsitk.shared.contracts import pb
+    from wsitk.shared.db.connection import Database
+    from wsitk.shared.topics import DEADLETTER
+
+    db = Database(settings.dsn())
+    done = {row[0] for row in db.execute("SELECT event_id FROM dead_letters WHERE redriven_at IS NOT NULL")}
+    consumer = make_consumer(settings, [], None)
+    producer = make_producer(settings)
+    await consumer.start()
+    await producer.start()
+    replayed = 0
+    try:
+        parts = consumer.partitions_for_topic(DEADLETTER) or await _partitions(consumer, DEADLETTER)
+        partitions = [TopicPartition(DEADLETTER, p) for p in parts]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 5.0:
+            batch = await consumer.getmany(timeout_ms=500)
+            for record in (r for rs in batch.values() for r in rs):
+                idle_since = time.monotonic()
+                letter = pb.DeadLetter.FromString(record.value or b"")
+                if letter.meta.event_id in done or (service and letter.service != service):
+                    continue
+                if slide and letter.meta.slide_id != slide:
+                    continue
+                done.add(letter.meta.event_id)
+                print(
+                    f"redrive {letter.source_topic}@{letter.source_offset} slide {letter.meta.slide_id}: {letter.error[:100]}"
+                )
+                if not dry_run:
+                    await producer.send_and_wait(
+                        letter.source_topic, letter.original_value, key=letter.original_key or None
+                    )
+                    db.execute(
+                        "UPDATE dead_letters SET redriven_at = now() WHERE event_id = %s",
+                        (letter.meta.event_id,),
+                    )
+                    db.execute(
+                        'DELETE FROM delivery_attempts WHERE topic = %s AND partition = %s AND "offset" = %s',
+                        (letter.source_topic, letter.source_partition, letter.source_offset),
+                    )
+                replayed += 1
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        db.close()
+    return replayed
+
+
+def cli_redrive(args: argparse.Namespace) -> int:
+    count = asyncio.run(
+        redrive(load_settings(), service=args.service, slide=args.slide, dry_run=args.dry_run)
+    )
+    print(f"{'would replay' if args.dry_run else 'replayed'} {count} dead letter(s)")
+    return 0
+
+
+def cli_reconcile(args: argparse.Namespace) -> int:
+    from wsitk.services.ingest.poller import reconcile
+    from wsitk.shared.bus.kafka import make_producer, produce_all
+    from wsitk.shared.context import ServiceContext
+
+    settings = load_settings()
+    ctx = ServiceContext(settings, "cli")
+
+    async def run() -> int:
+        producer = make_producer(settings)
+        await producer.start()
+        loop = asyncio.get_running_loop()
+        try:
+
+            def produce(outputs: list[Any]) -> None:
+                asyncio.run_coroutine_threadsafe(produce_all(producer, outputs), loop).result(timeout=60)
+
+            return await asyncio.to_thread(reconcile, ctx, produce, args.stalled_after)
+        finally:
+            await producer.stop()
+
+    print(f"re-announced {asyncio.run(run())} upload(s)")
+    return 0
+
+
+# -- models ---------------------------------------------------------------------------------------
+def cli_model(args: argparse.Namespace) -> int:
+    from wsitk.shared.models.defaults import init_default_models
+
+    settings = load_settings()
+    model_dir = args.model_dir or settings.model_dir
+    summary = init_default_models(Path(model_dir), seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
