@@ -1,0 +1,146 @@
+"""Shared fixtures: the third-party slide fixtures, a real local stack, tiny default models, and the
+six services running as separate processes against that stack.
+
+Nothing here relies on a stack left running: each session starts its own servers on free loopback
+ports in a temporary directory and stops them afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "openslide-python"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    assert FIXTURES.is_dir(), (
+        f"third-party fixtures expected at {FIXTURES} (../shared/fixtures beside the repo)"
+    )
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Default backbone + a MIL model trained on a tiny synthetic recipe (seconds, not minutes)."""
+    from wsitk.shared.models.defaults import DefaultModelRecipe, init_default_models
+
+    model_dir = tmp_path_factory.mktemp("models")
+    recipe = DefaultModelRecipe(
+        train_bags=16,
+        val_bags=8,
+        min_tiles_per_bag=6,
+        max_tiles_per_bag=12,
+        train_pool=(40, 20, 8),
+        val_pool=(20, 10, 4),
+        epochs=8,
+    )
+    init_default_models(model_dir, seed=0, recipe=recipe, progress=lambda _msg: None)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Any]:
+    from wsitk.shared.stack import LocalStack
+
+    with LocalStack() as info:
+        yield info
+
+
+@dataclass
+class Pipeline:
+    """The six services as processes against a test stack, with helpers to drive and inspect it."""
+
+    stack: Any
+    home: Path
+    env: dict[str, str]
+
+    def settings(self) -> Any:
+        from wsitk.shared.config import Settings
+
+        return Settings(
+            **{
+                k.removeprefix("WSI_").lower(): v
+                for k, v in self.env.items()
+                if k.startswith("WSI_") and k != "WSI_HOME"
+            }
+        )
+
+    def start(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
+        from wsitk.shared.ops import SERVICE_NAMES, services_up
+
+        os.environ["WSI_HOME"] = str(self.home)
+        return services_up(names or SERVICE_NAMES, env=self.env)
+
+    def stop(self, names: tuple[str, ...] | None = None) -> None:
+        from wsitk.shared.ops import SERVICE_NAMES, services_down
+
+        os.environ["WSI_HOME"] = str(self.home)
+        services_down(names or SERVICE_NAMES, timeout_s=20)
+
+    def pids(self) -> dict[str, int | None]:
+        from wsitk.shared.ops import services_status
+
+        os.environ["WSI_HOME"] = str(self.home)
+        return services_status()
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.stack.database_url(), options="-c search_path=wsi,public") as conn:
+            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+    def upload(self, path: Path, key: str) -> None:
+        from wsitk.shared.objectstore import S3ObjectStore
+
+        S3ObjectStore(self.settings()).client.fput_object(self.settings().uploads_bucket, key, str(path))
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(1.0)
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.home / "logs").glob("*.log"))
+        )
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs}")
+
+    def statuses(self, keys: list[str]) -> dict[str, str]:
+        rows = self.query(
+            "SELECT src.upload_key, s.status FROM slide_sources src JOIN slides s USING (slide_id) "
+            "WHERE src.upload_key = ANY(%s)",
+            (keys,),
+        )
+        return {key: status for key, status in rows}
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack: Any, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    home = tmp_path_factory.mktemp("wsi-home")
+    env = {
+        **stack.env(),
+        "WSI_HOME": str(home),
+        "WSI_MODEL_DIR": str(tiny_models),
+        "WSI_CACHE_DIR": str(home / "cache"),
+        # Short session timeouts so a killed member's partitions move quickly.
+        "WSI_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "WSI_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+        "WSI_POLL_INTERVAL_S": "1",
+        "WSI_TILES_PER_SHARD": "48",
+        "WSI_ISOLATION_MEMORY_BYTES": str(3 * 1024**3),
+    }
+    p = Pipeline(stack=stack, home=home, env=env)
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
