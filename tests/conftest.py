@@ -120,7 +120,7 @@ class Pipeline:
             "WHERE src.upload_key = ANY(%s)",
             (keys,),
         )
-        return {key: status for key, status in rows}
+        return dict(rows)
 
 
 @pytest.fixture(scope="session")
