@@ -13,8 +13,9 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from wsitk.shared.config import load_settings, wsi_home
+from wsitk.shared.config import Settings, load_settings, wsi_home
 
 TERMINAL = {"predicted", "rejected", "failed", "no_tissue"}
 
@@ -23,9 +24,39 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def wait_for_outcomes(settings: Settings, keys: list[str], timeout_s: float) -> list[dict[str, Any]]:
+    """Poll the recorder's view until every upload has an outcome; print progress when it changes."""
+    from wsitk.shared.ops import slide_table
+
+    deadline = time.monotonic() + timeout_s
+    rows: list[dict[str, Any]] = []
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            rows = [
+                r
+                for r in slide_table(settings, limit=500)
+                if any(k in (r["upload_keys"] or "") for k in keys)
+            ]
+        except Exception as exc:  # the database may still be starting
+            rows = []
+            _say(f"      (waiting for the recorder: {exc})")
+        counts = Counter(r["status"] for r in rows)
+        done = sum(counts[s] for s in TERMINAL)
+        line = f"      {done}/{len(keys)} done  " + "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        if line != last:
+            _say(f"{time.strftime('%H:%M:%S')}{line}")
+            last = line
+        if len(rows) == len(keys) and done == len(keys):
+            return rows
+        time.sleep(3)
+    _say(f"timed out after {timeout_s:.0f} s; see the service logs in {wsi_home() / 'logs'}")
+    return rows
+
+
 def cli_demo(args: argparse.Namespace) -> int:
     from wsitk.shared.models.defaults import init_default_models
-    from wsitk.shared.ops import format_table, services_up, slide_table, submit_files
+    from wsitk.shared.ops import format_table, services_up, submit_files
     from wsitk.shared.slides.synth import SynthSpec, generate_slide
     from wsitk.shared.stack.local import start_stack
 
@@ -73,30 +104,7 @@ def cli_demo(args: argparse.Namespace) -> int:
         _say(f"      uploaded s3://{settings.uploads_bucket}/{key}")
 
     _say("[5/5] waiting for every slide to reach an outcome")
-    deadline = time.monotonic() + args.timeout
-    rows = []
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            rows = [
-                r
-                for r in slide_table(settings, limit=500)
-                if any(k in (r["upload_keys"] or "") for k in keys)
-            ]
-        except Exception as exc:  # the database may still be starting
-            rows = []
-            _say(f"      (waiting for the recorder: {exc})")
-        counts = Counter(r["status"] for r in rows)
-        done = sum(counts[s] for s in TERMINAL)
-        line = f"      {done}/{len(keys)} done  " + "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        if line != last:
-            _say(f"{time.strftime('%H:%M:%S')}{line}")
-            last = line
-        if len(rows) == len(keys) and done == len(keys):
-            break
-        time.sleep(3)
-    else:
-        _say(f"timed out after {args.timeout:.0f} s; see the logs in {home / 'logs'}")
+    rows = wait_for_outcomes(settings, keys, args.timeout)
     _say("")
     _say(format_table(rows))
     _say("")

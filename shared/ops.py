@@ -99,8 +99,8 @@ def cli_services(args: argparse.Namespace) -> int:
             print(f"{name:15s} pid {pid:>7d}  log {_log_dir() / (name + '.log')}")
     if args.action == "status":
         status = services_status(names)
-        for name, pid in status.items():
-            print(f"{name:15s} {'running pid ' + str(pid) if pid else 'stopped'}")
+        for name, running in status.items():
+            print(f"{name:15s} {'running pid ' + str(running) if running else 'stopped'}")
         return 0 if all(status.values()) else 1
     return 0
 
