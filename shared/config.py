@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         return secret.get_secret_value() if secret else ""
 
     def dsn(self, *, admin: bool = False) -> str:
-        if admin and self.database_admin_url is not None:
+        if admin and self.has_admin_url():
             secret: SecretStr | None = _read_secret_file(
                 self.database_admin_url, "WSI_DATABASE_ADMIN_URL_FILE"
             )
@@ -119,6 +119,9 @@ class Settings(BaseSettings):
         if self.database_sslmode and "sslmode=" not in url:
             url += ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
         return url
+
+    def has_admin_url(self) -> bool:
+        return self.database_admin_url is not None or bool(os.environ.get("WSI_DATABASE_ADMIN_URL_FILE"))
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked: for the first log line of a service."""

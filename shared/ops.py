@@ -26,7 +26,7 @@ def cli_db(args: argparse.Namespace) -> int:
     from wsitk.shared.db.migrate import migrate
 
     settings = load_settings()
-    if settings.database_admin_url is None:
+    if not settings.has_admin_url():
         print(
             "WSI_DATABASE_ADMIN_URL is not set: migrations run under the owner role, not the services' role",
             file=sys.stderr,
