@@ -41,6 +41,17 @@ SLIDE_STAGE_SECONDS = Histogram(
     ["service"],
     buckets=LATENCY_BUCKETS,
 )
+SLIDE_OUTCOMES = Counter(
+    "wsi_slide_outcomes_total",
+    "Slides recorded per outcome (first recording only)",
+    ["outcome", "reason_code"],
+)
+SLIDES_INGESTED = Counter("wsi_slides_ingested_total", "Distinct slides the recorder saw ingested")
+END_TO_END_SECONDS = Histogram(
+    "wsi_slide_end_to_end_seconds",
+    "From a slide's first ingest to its recorded prediction",
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+)
 MODEL_INFO = Gauge("wsi_model_info", "Model in use (value 1)", ["service", "kind", "version"])
 BUILD_INFO = Gauge(
     "wsi_build_info", "Package version of the running service (value 1)", ["service", "version"]

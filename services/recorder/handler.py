@@ -20,6 +20,7 @@ from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb, to_json_dict
 from wsitk.shared.logging import get_logger
+from wsitk.shared.metrics import END_TO_END_SECONDS, SLIDE_OUTCOMES, SLIDES_INGESTED
 from wsitk.shared.topics import SLIDES_FAILED
 
 SERVICE = "recorder"
@@ -61,6 +62,9 @@ def _set_status(
 
 
 def _ingested(cur: psycopg.Cursor, e: pb.SlideIngested) -> None:
+    cur.execute("SELECT 1 FROM slides WHERE slide_id = %s", (e.meta.slide_id,))
+    if cur.fetchone() is None:
+        _PENDING_METRICS.append(("ingested", "", ""))
     _set_status(cur, e.meta.slide_id, "ingested", "ingest")
     m = e.metadata
     cur.execute(
@@ -155,6 +159,13 @@ def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
             e.meta.produced_at.ToDatetime(),
         ),
     )
+    cur.execute(
+        "SELECT extract(epoch FROM now() - first_seen_at) FROM slides WHERE slide_id = %s AND status <> 'predicted'",
+        (e.meta.slide_id,),
+    )
+    row = cur.fetchone()
+    if row is not None and row[0] is not None:
+        _PENDING_METRICS.append(("latency", str(float(row[0])), ""))
     _set_status(cur, e.meta.slide_id, "predicted", "mil-scorer")
 
 
@@ -179,6 +190,21 @@ def _dead_letter(cur: psycopg.Cursor, e: pb.DeadLetter) -> None:
             e.attempts,
         ),
     )
+
+
+# Metrics of rows written in the current transaction: published only once it committed.
+_PENDING_METRICS: list[tuple[str, str, str]] = []
+
+
+def _publish_metrics() -> None:
+    for kind, value, code in _PENDING_METRICS:
+        if kind == "outcome":
+            SLIDE_OUTCOMES.labels(value, code or "none").inc()
+        elif kind == "ingested":
+            SLIDES_INGESTED.inc()
+        elif kind == "latency":
+            END_TO_END_SECONDS.observe(float(value))
+    _PENDING_METRICS.clear()
 
 
 WRITERS: dict[type[Message], Callable[[psycopg.Cursor, Any], None]] = {
@@ -218,19 +244,24 @@ class RecorderHandler:
 
     def handle_batch(self, messages: list[Incoming]) -> list[list[Outgoing] | BaseException]:
         """One transaction for the whole batch; on a bad event, fall back to one at a time to isolate it."""
+        _PENDING_METRICS.clear()
         try:
             with self.ctx.db.transaction() as conn, conn.cursor() as cur:
                 for message in messages:
                     self._write(cur, message)
+            _publish_metrics()
             return [[] for _ in messages]
         except psycopg.DataError:
+            _PENDING_METRICS.clear()
             results: list[list[Outgoing] | BaseException] = []
             for message in messages:
                 try:
                     with self.ctx.db.transaction() as conn, conn.cursor() as cur:
                         self._write(cur, message)
+                    _publish_metrics()
                     results.append([])
                 except psycopg.DataError as exc:
+                    _PENDING_METRICS.clear()
                     results.append(exc)
             return results
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from wsitk.shared.contracts import new_meta, pb, tiling_run_id
 from wsitk.shared.errors import PermanentError
 from wsitk.shared.isolation import IsolatedRunner
 from wsitk.shared.logging import get_logger
-from wsitk.shared.metrics import TILES
+from wsitk.shared.metrics import SLIDE_STAGE_SECONDS, TILES
 from wsitk.shared.objectstore import StoredObject
 from wsitk.shared.topics import SLIDES_FAILED, TILE_PLANS, TILE_SHARDS
 
@@ -152,6 +153,7 @@ class TilerHandler:
         path, _ = self.ctx.cache.fetch(
             store, source.bucket, source.key, version_id=source.version_id, expected_sha256=source.sha256
         )
+        started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix="wsi-tiler-", dir=self.ctx.settings.cache_dir))
         try:
             profile_json = json_format.MessageToJson(event.profile)
@@ -187,6 +189,7 @@ class TilerHandler:
             bucket, f"{prefix}/manifest.json", json.dumps(manifest).encode(), "application/json"
         )
         TILES.labels(SERVICE, "planned").inc(plan["total_tiles"])
+        SLIDE_STAGE_SECONDS.labels(SERVICE).observe(time.perf_counter() - started)
         log.info(
             "slide tiled",
             tiling_run_id=run_id,
