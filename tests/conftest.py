@@ -123,13 +123,12 @@ class Pipeline:
         return dict(rows)
 
 
-@pytest.fixture(scope="session")
-def pipeline(stack: Any, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    home = tmp_path_factory.mktemp("wsi-home")
-    env = {
+def pipeline_env(stack: Any, models: Path, home: Path, **extra: str) -> dict[str, str]:
+    """Environment of services run against ``stack`` for a test."""
+    return {
         **stack.env(),
         "WSI_HOME": str(home),
-        "WSI_MODEL_DIR": str(tiny_models),
+        "WSI_MODEL_DIR": str(models),
         "WSI_CACHE_DIR": str(home / "cache"),
         # Short session timeouts so a killed member's partitions move quickly.
         "WSI_KAFKA_SESSION_TIMEOUT_MS": "6000",
@@ -137,8 +136,14 @@ def pipeline(stack: Any, tiny_models: Path, tmp_path_factory: pytest.TempPathFac
         "WSI_POLL_INTERVAL_S": "1",
         "WSI_TILES_PER_SHARD": "48",
         "WSI_ISOLATION_MEMORY_BYTES": str(3 * 1024**3),
+        **extra,
     }
-    p = Pipeline(stack=stack, home=home, env=env)
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack: Any, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    home = tmp_path_factory.mktemp("wsi-home")
+    p = Pipeline(stack=stack, home=home, env=pipeline_env(stack, tiny_models, home))
     p.start()
     try:
         yield p
