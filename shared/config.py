@@ -73,7 +73,6 @@ class Settings(BaseSettings):
     reconcile_interval_s: int = 300
     poll_interval_s: float = 2.0  # the ingest bucket poller
     poller_enabled: bool = True
-    create_topics: bool = False  # create missing topics from the table at start (local stack only)
 
     # Local paths
     cache_dir: Path = Field(default_factory=lambda: wsi_home() / "cache")

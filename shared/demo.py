@@ -69,7 +69,6 @@ def cli_demo(args: argparse.Namespace) -> int:
     info = start_stack(home)
     for key, value in info.env().items():
         os.environ[key] = value
-    os.environ["WSI_CREATE_TOPICS"] = "true"
     _say(
         f"      kafka {info.kafka_bootstrap}  s3 {info.s3_endpoint}  postgres {info.database_url().split('@')[-1]}"
     )

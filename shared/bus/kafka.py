@@ -8,7 +8,6 @@ correctness (only for the lag gauge), and a quick first group join.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -102,33 +101,3 @@ async def produce_all(producer: AIOKafkaProducer, outputs: Iterable[Outgoing]) -
         futures.append(await producer.send(out.topic, value=value, key=out.key.encode(), headers=headers))
     if futures:
         await asyncio.gather(*futures)
-
-
-async def ensure_topics(settings: Settings, replication_factor: int = 1) -> list[str]:
-    """Create every topic of the table that the broker lacks. Returns the names created."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    admin = AIOKafkaAdminClient(**client_options(settings))
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [
-            NewTopic(
-                name=spec.name,
-                num_partitions=spec.partitions,
-                replication_factor=replication_factor,
-                topic_configs={
-                    "retention.ms": str(spec.retention_ms),
-                    "max.message.bytes": str(spec.max_message_bytes),
-                },
-            )
-            for spec in topic_table().values()
-            if spec.name not in existing
-        ]
-        if wanted:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(wanted)
-        return [t.name for t in wanted]
-    finally:
-        await admin.close()

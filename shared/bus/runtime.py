@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from google.protobuf.message import Message
-from wsitk.shared.bus.kafka import Outgoing, ensure_topics, make_consumer, make_producer, produce_all
+from wsitk.shared.bus.kafka import Outgoing, make_consumer, make_producer, produce_all
 from wsitk.shared.config import Settings
 from wsitk.shared.contracts import MalformedEvent, decode, new_meta, package_version, pb
 from wsitk.shared.db.connection import Database
@@ -279,8 +279,6 @@ class ServiceRuntime:
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                if self.settings.create_topics:
-                    await ensure_topics(self.settings)
                 self.producer = make_producer(self.settings)
                 await self.producer.start()
                 self.consumer = make_consumer(self.settings, list(self.spec.topics), self.group)
