@@ -107,6 +107,10 @@ def test_generated_code_is_current_with_proto(tmp_path: Path) -> None:
     installed = REPO / "shared" / "contracts" / "_generated" / "wsi" / "v1" / "events_pb2.py"
     assert (out / "wsi" / "v1" / "events_pb2.py").read_text() == installed.read_text()
     tracked = subprocess.run(
-        ["git", "ls-files", "shared/contracts/_generated"], cwd=REPO, capture_output=True, text=True, check=True
+        ["git", "ls-files", "shared/contracts/_generated"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert tracked.stdout.strip() == "", "generated code must not be committed"
