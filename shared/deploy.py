@@ -35,7 +35,9 @@ ALERT_RULES_SOURCE = Path("deploy/prometheus/alerts.yml")
 DASHBOARDS_SOURCE = Path("deploy/grafana/dashboards")
 
 
-def render_kafka_topics(namespace: str | None = None, *, cluster: str = KAFKA_CLUSTER) -> list[dict[str, Any]]:
+def render_kafka_topics(
+    namespace: str | None = None, *, cluster: str = KAFKA_CLUSTER
+) -> list[dict[str, Any]]:
     """Strimzi ``KafkaTopic`` resources for every topic of ``shared/topics.toml``.
 
     ``min.insync.replicas`` is one less than the replica count (at least 1), which with the
@@ -80,7 +82,9 @@ def render_prometheus_rule(alert_rules: dict[str, Any], *, name: str = "wsi-aler
     since it depends on how the operator was installed.
     """
     if not isinstance(alert_rules.get("groups"), list):
-        raise ValueError(f"{ALERT_RULES_SOURCE} must be a Prometheus rule file with a top-level 'groups' list")
+        raise ValueError(
+            f"{ALERT_RULES_SOURCE} must be a Prometheus rule file with a top-level 'groups' list"
+        )
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -89,7 +93,9 @@ def render_prometheus_rule(alert_rules: dict[str, Any], *, name: str = "wsi-aler
     }
 
 
-def render_dashboards_configmap(dashboards: dict[str, str], *, name: str = "wsi-grafana-dashboards") -> dict[str, Any]:
+def render_dashboards_configmap(
+    dashboards: dict[str, str], *, name: str = "wsi-grafana-dashboards"
+) -> dict[str, Any]:
     """Dashboards (file name -> JSON text) as a ConfigMap labelled for Grafana's dashboard sidecar."""
     for file_name, text in dashboards.items():
         try:
@@ -182,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         stale = stale_files(repo_root)
         for path in stale:
-            print(f"stale: {path} (run `python -m wsitk.shared.deploy` and commit the result)", file=sys.stderr)
+            print(
+                f"stale: {path} (run `python -m wsitk.shared.deploy` and commit the result)", file=sys.stderr
+            )
         return 1 if stale else 0
     written = write_generated(repo_root)
     print(f"wrote {len(written)} file(s): {', '.join(map(str, written)) or 'all up to date'}")

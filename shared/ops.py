@@ -164,16 +164,20 @@ def slide_table(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'upload key':32s} {'slide id':12s} {'status':10s} {'label':7s} {'P(tumour)':>9s} {'tiles':>6s}  detail"
+        f"{'upload (file name)':36s} {'slide id':12s} {'status':10s} {'label':7s} {'P(tumour)':>9s} {'tiles':>6s}  detail"
     ]
     for row in rows:
         probability = f"{row['probability']:.3f}" if row["probability"] is not None else ""
         detail = row["reason"] or (row["model_version"] or "")
         lines.append(
-            f"{(row['upload_keys'] or '')[:32]:32s} {row['slide_id'][:12]:12s} {row['status']:10s} {row['label'] or '':7s} "
+            f"{_file_names(row['upload_keys'])[-36:]:36s} {row['slide_id'][:12]:12s} {row['status']:10s} {row['label'] or '':7s} "
             f"{probability:>9s} {row['tiles'] or 0:>6d}  {detail[:120]}"
         )
     return "\n".join(lines)
+
+
+def _file_names(keys: str | None) -> str:
+    return ", ".join(key.rsplit("/", 1)[-1] for key in (keys or "").split(", "))
 
 
 def cli_status(args: argparse.Namespace) -> int:
