@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WSI_HOME ?= $(CURDIR)/.wsi
 
-.PHONY: setup demo test lint typecheck unit e2e models bench clean stop
+.PHONY: setup system-deps demo test lint typecheck unit e2e models bench clean stop deploy-generate
 
 $(STAMP): pyproject.toml setup.py proto/wsi/v1/events.proto
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml setup.py proto/wsi/v1/events.proto
 
 # `pip install -e` runs setup.py, which generates the contracts' Python code from proto/.
 setup: $(STAMP)
+
+# Debian packages the tests use as real peers: Prometheus (live dashboard/alert check) and promtool.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus (for the live observability test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v kubectl >/dev/null || echo "note: kubectl (1.27+, with built-in kustomize) is needed by tests/test_deploy_static.py"
 
 models: setup
 	$(BIN)/wsi model init-defaults
@@ -41,8 +48,12 @@ unit: setup
 e2e: setup
 	$(BIN)/pytest -m "e2e and not slow" -q
 
-test: setup lint typecheck
+test: setup system-deps lint typecheck
 	$(BIN)/pytest -m "not slow"
+
+# Regenerate the deployment files derived from shared/topics.toml and the dashboards/alerts.
+deploy-generate: setup
+	$(BIN)/python -m wsitk.shared.deploy
 
 stop:
 	-$(BIN)/wsi services down

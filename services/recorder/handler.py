@@ -48,6 +48,12 @@ ON CONFLICT (slide_id) DO UPDATE SET
 def _set_status(
     cur: psycopg.Cursor, slide_id: str, status: str, stage: str, code: str = "", reason: str = ""
 ) -> None:
+    """Move a slide's status forward; count a terminal outcome the first time the slide reaches it."""
+    if STATUS_RANK[status] >= 8:
+        cur.execute("SELECT status FROM slides WHERE slide_id = %s", (slide_id,))
+        row = cur.fetchone()
+        if row is None or STATUS_RANK.get(row[0], 0) < STATUS_RANK[status]:
+            _PENDING_METRICS.append(("outcome", status, code))
     cur.execute(
         UPSERT_STATUS,
         {
