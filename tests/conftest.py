@@ -7,6 +7,7 @@ ports in a temporary directory and stops them afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +63,7 @@ class Pipeline:
     stack: Any
     home: Path
     env: dict[str, str]
+    s3_proxy: Any = None  # a tests.tcpproxy.TcpProxy between the services and S3, for outage tests
 
     def settings(self) -> Any:
         from wsitk.shared.config import Settings
@@ -114,6 +116,28 @@ class Pipeline:
         )
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs}")
 
+    def metrics_port(self, service: str) -> int:
+        """The port the service's current process serves /metrics and /readyz on (from its first log line)."""
+        port = 0
+        for line in (self.home / "logs" / f"{service}.log").read_text().splitlines():
+            if '"service starting"' in line:
+                port = int(json.loads(line)["metrics_port"])
+        if not port:
+            raise AssertionError(f"{service} has not logged its metrics port yet")
+        return port
+
+    def ready(self, service: str) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port(service)}/readyz", timeout=3
+            ) as r:
+                return bool(r.status == 200)
+        except urllib.error.HTTPError:
+            return False
+
     def statuses(self, keys: list[str]) -> dict[str, str]:
         rows = self.query(
             "SELECT src.upload_key, s.status FROM slide_sources src JOIN slides s USING (slide_id) "
@@ -142,10 +166,21 @@ def pipeline_env(stack: Any, models: Path, home: Path, **extra: str) -> dict[str
 
 @pytest.fixture(scope="session")
 def pipeline(stack: Any, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """The six services against the session stack; their S3 traffic goes through a cuttable proxy."""
+    from tests.tcpproxy import TcpProxy
+
     home = tmp_path_factory.mktemp("wsi-home")
-    p = Pipeline(stack=stack, home=home, env=pipeline_env(stack, tiny_models, home))
+    host, port = stack.s3_endpoint.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    p = Pipeline(
+        stack=stack,
+        home=home,
+        env=pipeline_env(stack, tiny_models, home, WSI_S3_ENDPOINT=proxy.endpoint),
+        s3_proxy=proxy,
+    )
     p.start()
     try:
         yield p
     finally:
         p.stop()
+        proxy.close()

@@ -1,0 +1,82 @@
+"""A TCP proxy for outage tests: put it between the services and a server, then cut and restore it.
+
+``cut()`` drops every open connection and stops listening (new connections are refused), as when a
+server or the network goes away; ``restore()`` listens again on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.listen_host = listen_host
+        with socket.socket() as probe:
+            probe.bind((listen_host, 0))
+            self.port = probe.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.restore()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.listen_host}:{self.port}"
+
+    def _call(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)  # type: ignore[arg-type]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.close()
+            return
+        self._writers |= {client_writer, server_writer}
+        await asyncio.gather(
+            self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer)
+        )
+        self._writers -= {client_writer, server_writer}
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self.listen_host, self.port, reuse_address=True
+        )
+
+    async def _cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
