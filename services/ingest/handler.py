@@ -147,6 +147,13 @@ class IngestHandler:
                     "", notice, None, "bad-object-key", f"object key longer than {MAX_KEY_BYTES} bytes"
                 )
             ]
+        if {".", ".."} & set(notice.key.split("/")) or notice.key.startswith("/") or "//" in notice.key:
+            reason = (
+                f"upload {notice.key!r} has a '.', '..' or empty path segment (or a leading '/'); such keys are "
+                "refused because tools read them as directory traversal or absolute paths: upload the slide again "
+                "under a plain key such as 'case-123/slide-1.svs'"
+            )
+            return [self._rejected("", notice, None, "unsupported-object-key", reason)]
         stored = self.ctx.store.stat(notice.bucket, notice.key)
         if stored is None:
             log.warning("uploaded object is gone; nothing to ingest", upload_key=notice.key)
@@ -235,8 +242,8 @@ class IngestHandler:
             reason_code=code,
             reason=reason,
         )
-        if source is not None:
-            event.source.CopyFrom(source)
+        # Even when the content was never read, the upload is named so the rejection can be found by its key.
+        event.source.CopyFrom(source or pb.ObjectRef(bucket=notice.bucket, key=notice.key, etag=notice.etag))
         log.warning("slide rejected", slide_id=slide_id, reason_code=code, reason=reason)
         return Outgoing(SLIDES_REJECTED, slide_id, event)
 
