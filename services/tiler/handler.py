@@ -6,6 +6,12 @@ cuts tiles of ``tile_size`` pixels at ``target_mpp`` micrometres per pixel, pack
 shards, (3) stores the shards, the tissue mask and polygons, and last a manifest, all put-if-absent,
 and (4) publishes the ``TilePlan`` and then one ``TileShard`` per shard.
 
+Pixels come from the fast reader (``shared/slides/fastread.py``: the slide's own JPEG tiles through
+libjpeg-turbo, DCT-scaled for 20x from 40x) when the slide is Aperio or generic tiled TIFF with JPEG
+tiles, and from OpenSlide otherwise; the plan records which (``reader``) and why not. When the
+profile asks for stain normalisation, it is fitted here once per slide on an evenly spread sample of
+its tissue tiles and carried on every ``TileShard`` (``stain``).
+
 The tiling run id is deterministic (slide id + profile id), and so are every key and event id: a
 redelivered or re-driven slide finds the manifest and re-publishes the same events without reading
 a pixel.
@@ -17,8 +23,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 from wsitk.shared.bus.kafka import Outgoing
@@ -31,6 +38,10 @@ from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import SLIDE_STAGE_SECONDS, TILES
 from wsitk.shared.objectstore import StoredObject
 from wsitk.shared.topics import SLIDES_FAILED, TILE_PLANS, TILE_SHARDS
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 SERVICE = "tiler"
 log = get_logger()
@@ -58,6 +69,7 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
     import numpy as np
     import openslide
     from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
+    from wsitk.shared.slides.fastread import open_fast_reader
     from wsitk.shared.slides.reader import mpp_for
     from wsitk.shared.slides.tiling import iter_tiles, plan_tiles
     from wsitk.shared.slides.tissue import segment_tissue
@@ -82,13 +94,27 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
         np.save(out / "mask.npy", tissue.mask)
         (out / "tissue.geojson").write_text(json.dumps(tissue.polygons))
         coords = np.asarray(grid.coords).reshape(-1, 2)
+        fast, why_not = open_fast_reader(
+            Path(path), slide.properties.get("openslide.vendor", ""), list(slide.level_dimensions)
+        )
+        if fast is not None and not fast.supports(grid):
+            why_not = f"level {grid.level} is not stored as tiled JPEG ({why_not})"
+            fast.close()
+            fast = None
+
+        def tiles_of(indices: list[int]) -> Iterator[tuple[int, NDArray[np.uint8]]]:
+            if fast is not None:
+                return fast.iter_tiles(grid, indices)
+            return iter_tiles(slide, grid, indices)
+
+        stain = _fit_stain(str(getattr(profile, "stain_method", "")), len(coords), tiles_of)
         per_shard = int(profile.tiles_per_shard)
         shards = []
         for index, start in enumerate(range(0, len(coords), per_shard)):
             indices = list(range(start, min(start + per_shard, len(coords))))
             tiles = (
                 ShardTile(int(coords[i][0]), int(coords[i][1]), encode_jpeg(tile))
-                for i, tile in iter_tiles(slide, grid, indices)
+                for i, tile in tiles_of(indices)
             )
             header = {
                 "slide_id": slide_id,
@@ -101,7 +127,12 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
             data = pack_shard(header, tiles)
             (out / f"{shard_id_for(index)}.shard").write_bytes(data)
             shards.append({"shard_id": shard_id_for(index), "tile_count": len(indices)})
+        if fast is not None:
+            fast.close()
     return {
+        "reader": "libjpeg-turbo" if fast is not None else "openslide",
+        "reader_fallback_reason": why_not if fast is None else "",
+        "stain": stain,
         "level": int(grid.level),
         "level0_mpp": mpp0,
         "tile_size_level0": float(grid.tile_size_level0),
@@ -110,6 +141,34 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
         "height": int(height),
         "total_tiles": len(coords),
         "shards": shards,
+    }
+
+
+#: Tiles sampled (evenly over the plan) to fit a slide's stain normalisation.
+STAIN_FIT_TILES = 32
+
+
+def _fit_stain(
+    method: str, tile_count: int, tiles_of: Callable[[list[int]], Iterator[tuple[int, NDArray[np.uint8]]]]
+) -> dict[str, Any]:
+    """StainParams fields fitted on up to ``STAIN_FIT_TILES`` tissue tiles spread over the slide."""
+    import numpy as np
+    from wsitk.shared.slides.stain import fit_stain
+
+    if not method or tile_count == 0:
+        return {"method": ""}
+    sample = sorted({int(i) for i in np.linspace(0, tile_count - 1, min(STAIN_FIT_TILES, tile_count))})
+    try:
+        fit = fit_stain((tile for _, tile in tiles_of(sample)), method)
+    except ValueError as exc:  # too little stained tissue: tiles go unnormalised, and the log says why
+        log.warning("stain normalisation not fitted", method=method, error=str(exc))
+        return {"method": ""}
+    return {
+        "method": fit.method,
+        "stain_matrix": list(fit.stain_matrix),
+        "max_concentrations": list(fit.max_concentrations),
+        "lab_mean": list(fit.lab_mean),
+        "lab_std": list(fit.lab_std),
     }
 
 
@@ -196,6 +255,9 @@ class TilerHandler:
             tiles=plan["total_tiles"],
             shards=len(plan["shards"]),
             level=plan["level"],
+            reader=plan["reader"],
+            reader_fallback_reason=plan["reader_fallback_reason"],
+            stain_method=plan["stain"].get("method", ""),
         )
         return manifest
 
@@ -248,6 +310,7 @@ class TilerHandler:
                 shard=pb.ObjectRef(**manifest["shard_refs"][sid]),
                 tile_count=shard["tile_count"],
                 profile=profile,
+                stain=pb.StainParams(**manifest.get("stain", {})),
             )
             outputs.append(Outgoing(TILE_SHARDS, f"{slide_id}/{sid}", tile_shard))
         return outputs

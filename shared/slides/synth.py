@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import sys
@@ -45,6 +46,13 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from wsitk.shared.slides.artefacts import (
+    ARTEFACT_KINDS,
+    Artefacts,
+    artefact_truth,
+    plan_artefacts,
+    render_with_artefacts,
+)
 
 GENERATOR_VERSION = "wsitk-synth-1"
 
@@ -158,6 +166,11 @@ class SynthSpec:
     with_mpp: bool = True
     with_associated_images: bool = True
     stain_jitter: float = 0.06
+    artefacts: bool = (
+        False  # pen strokes, blurred disks, dark debris, a faint disk (shared/slides/artefacts.py)
+    )
+    jpeg_tables: bool = False  # Aperio-style: quantisation/Huffman tables once per level (TIFF JPEGTables)
+    rgb_coded_jpeg: bool = False  # JPEG coded in RGB, photometric RGB, no Adobe marker (as Aperio can write)
 
     def __post_init__(self) -> None:
         problems = []
@@ -177,6 +190,8 @@ class SynthSpec:
             problems.append(f"n_tissue_blobs {self.n_tissue_blobs} must be within 1..12")
         if self.seed < 0:
             problems.append(f"seed {self.seed} must be >= 0")
+        if self.rgb_coded_jpeg and not self.jpeg_tables:
+            problems.append("rgb_coded_jpeg needs jpeg_tables (Aperio's RGB-coded tiles share tables)")
         if self.fmt == "svs" and not self.with_mpp:
             problems.append("with_mpp=False is only possible with fmt='tiff' (Aperio always records MPP)")
         if problems:
@@ -221,6 +236,7 @@ class SlideTruth:
     tumour_mask: BoolArray
     spec: SynthSpec
     identifying_properties: dict[str, str] = field(default_factory=dict)
+    artefact_masks: dict[str, BoolArray] = field(default_factory=dict)  # pen/blur/debris/faint, mask grid
 
     @property
     def truth_json_path(self) -> Path:
@@ -899,14 +915,107 @@ def _tile_iterator(
     level_size: tuple[int, int],
     tile_size: int,
     on_tile: Callable[[], None],
+    artefacts: Artefacts | None = None,
 ) -> Iterator[NDArray[np.uint8]]:
     width, height = level_size
     renderer.cache_rows_of(width)
+
+    def clean(x0: int, y0: int, window_w: int, window_h: int) -> NDArray[np.uint8]:
+        return renderer.render(downsample, x0, y0, window_w, window_h)
+
     for tile_y in range(0, height, tile_size):
         for tile_x in range(0, width, tile_size):
-            tile = renderer.render(downsample, tile_x, tile_y, tile_size, tile_size)
+            if artefacts is None or artefacts.is_empty:
+                tile = clean(tile_x, tile_y, tile_size, tile_size)
+            else:
+                px_um = renderer.mpp * downsample
+                tile = render_with_artefacts(clean, artefacts, px_um, tile_x, tile_y, tile_size, tile_size)
             on_tile()
             yield tile
+
+
+_DQT, _DHT, _SOS, _APP0, _APP14, _SOF0, _SOF1 = 0xDB, 0xC4, 0xDA, 0xE0, 0xEE, 0xC0, 0xC1
+
+
+def _numbered_components(segment: bytes, first: int, stride: int) -> bytes:
+    """A SOF or SOS segment with component ids 0, 1, 2, as Aperio writes them (libjpeg writes 'R', 'G', 'B' for RGB data,
+    which would tell a decoder the colour space; Aperio's RGB-coded tiles do not)."""
+    data = bytearray(segment)
+    count = data[first - 1]
+    for index in range(count):
+        data[first + index * stride] = index
+    return bytes(data)
+
+
+def split_jpeg_tables(stream: bytes, *, drop_colour_markers: bool = False) -> tuple[bytes, bytes]:
+    """(tables, abbreviated stream) of a baseline JPEG: DQT and DHT move into a tables-only stream
+    (SOI, tables, EOI), as TIFF's JPEGTables tag holds them. ``drop_colour_markers`` also removes the
+    JFIF and Adobe markers and numbers the components 0, 1, 2, so that only the TIFF photometric tag
+    says how the data is coded."""
+    if not stream.startswith(b"\xff\xd8"):
+        raise ValueError("not a JPEG stream (no SOI marker)")
+    tables, rest = [b"\xff\xd8"], [b"\xff\xd8"]
+    position = 2
+    while position < len(stream):
+        if stream[position] != 0xFF:
+            raise ValueError(f"corrupt JPEG stream: no marker at byte {position}")
+        marker = stream[position + 1]
+        if marker == _SOS:
+            if drop_colour_markers:
+                length = int.from_bytes(stream[position + 2 : position + 4], "big")
+                rest.append(_numbered_components(stream[position : position + 2 + length], 5, 2))
+                rest.append(stream[position + 2 + length :])
+            else:
+                rest.append(stream[position:])
+            break
+        length = int.from_bytes(stream[position + 2 : position + 4], "big")
+        segment = stream[position : position + 2 + length]
+        if marker in (_DQT, _DHT):
+            tables.append(segment)
+        elif drop_colour_markers and marker in (_SOF0, _SOF1):
+            rest.append(_numbered_components(segment, 10, 3))
+        elif not (drop_colour_markers and marker in (_APP0, _APP14)):
+            rest.append(segment)
+        position += 2 + length
+    tables.append(b"\xff\xd9")
+    return b"".join(tables), b"".join(rest)
+
+
+class _TileEncoder:
+    """Encodes tiles itself (instead of tifffile) for the Aperio variants: shared tables, RGB-coded."""
+
+    def __init__(self, spec: SynthSpec) -> None:
+        self.spec = spec
+        self.tables: bytes | None = None
+
+    def encode(self, tile: NDArray[np.uint8]) -> bytes:
+        from imagecodecs import jpeg8_encode
+
+        rgb_coded = self.spec.rgb_coded_jpeg
+        stream = bytes(
+            jpeg8_encode(
+                tile,
+                level=self.spec.jpeg_quality,
+                colorspace="RGB",
+                outcolorspace="RGB" if rgb_coded else "YCBCR",
+                subsampling="444" if rgb_coded else "420",
+            )
+        )
+        if not self.spec.jpeg_tables:
+            return stream
+        tables, abbreviated = split_jpeg_tables(stream, drop_colour_markers=rgb_coded)
+        if self.tables is None:
+            self.tables = tables
+        elif tables != self.tables:
+            raise ValueError("libjpeg produced different tables for two tiles; cannot share JPEGTables")
+        return abbreviated
+
+    def level_tables(self, first_tile: NDArray[np.uint8]) -> bytes | None:
+        """The tables every tile of a level will use (encoded once from its first tile)."""
+        if not self.spec.jpeg_tables:
+            return None
+        self.encode(first_tile)
+        return self.tables
 
 
 def _label_image(spec: SynthSpec) -> NDArray[np.uint8]:
@@ -991,6 +1100,8 @@ def generate_slide(
     path.parent.mkdir(parents=True, exist_ok=True)
     layout = build_layout(spec)
     renderer = _slide_renderer(spec, layout)
+    artefacts = _artefacts_for(spec, layout)
+    encoder = _TileEncoder(spec) if spec.jpeg_tables else None
     downsamples = spec.level_downsamples()
     level_sizes = spec.level_dimensions()
     tile = spec.tile_size
@@ -1022,14 +1133,25 @@ def generate_slide(
                 description = _aperio_description(spec, size_line)
             else:
                 description = f"WSI Toolkit synthetic slide ({GENERATOR_VERSION}) level {index}"
+            tiles = _tile_iterator(renderer, downsample, (level_w, level_h), tile, counter.tick, artefacts)
+            level_args = dict(common)
+            if encoder is not None:  # pre-encoded tiles: tifffile writes the bytes and the tags as told
+                first = next(tiles)
+                level_args["jpegtables"] = encoder.level_tables(first)
+                if spec.rgb_coded_jpeg:
+                    level_args["compressionargs"] = {"outcolorspace": "RGB"}
+                    level_args["subsampling"] = (1, 1)
+                level_tiles: Iterator[Any] = (encoder.encode(t) for t in itertools.chain([first], tiles))
+            else:
+                level_tiles = tiles
             writer.write(
-                _tile_iterator(renderer, downsample, (level_w, level_h), tile, counter.tick),
+                level_tiles,
                 shape=(level_h, level_w, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
                 description=description,
                 subfiletype=0 if index == 0 else 1 if spec.fmt == "tiff" else 0,
-                **common,
+                **level_args,
             )
             if index == 0 and spec.fmt == "svs" and spec.with_associated_images:
                 _write_thumbnail(writer, spec, renderer, common)
@@ -1056,7 +1178,7 @@ def generate_slide(
                 description=f"{header}macro {macro.shape[1]}x{macro.shape[0]}",
             )
     partial_path.replace(path)
-    truth = _truth_from_layout(path, spec, layout)
+    truth = _truth_from_layout(path, spec, layout, artefacts)
     _write_truth(truth)
     if progress is not None:
         progress(1.0)
@@ -1081,7 +1203,21 @@ def _write_thumbnail(writer: Any, spec: SynthSpec, renderer: Renderer, common: d
     )
 
 
-def _truth_from_layout(path: Path, spec: SynthSpec, layout: Layout) -> SlideTruth:
+def _artefacts_for(spec: SynthSpec, layout: Layout) -> Artefacts | None:
+    if not spec.artefacts:
+        return None
+    return plan_artefacts(
+        spec.seed,
+        spec.width * spec.mpp,
+        spec.height * spec.mpp,
+        layout.tissue_mask,
+        layout.downsample * spec.mpp,
+    )
+
+
+def _truth_from_layout(
+    path: Path, spec: SynthSpec, layout: Layout, artefacts: Artefacts | None = None
+) -> SlideTruth:
     tissue, tumour = layout.tissue_mask, layout.tumour_mask
     tissue_cells = int(tissue.sum())
     actual = float(tumour.sum() / tissue_cells) if tissue_cells else 0.0
@@ -1102,6 +1238,9 @@ def _truth_from_layout(path: Path, spec: SynthSpec, layout: Layout) -> SlideTrut
         spec=spec,
         identifying_properties=(
             {f"aperio.{k}": v for k, v in identifying_fields(spec.seed).items()} if spec.fmt == "svs" else {}
+        ),
+        artefact_masks=(
+            {} if artefacts is None else artefact_truth(artefacts, tissue.shape, layout.downsample * spec.mpp)
         ),
     )
 
@@ -1126,12 +1265,13 @@ def _write_truth(truth: SlideTruth) -> None:
     }
     truth.truth_json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     with truth.mask_path.open("wb") as handle:
-        np.savez_compressed(
-            handle,
-            tissue=truth.tissue_mask,
-            tumour=truth.tumour_mask,
-            downsample=np.asarray(truth.mask_downsample),
-        )
+        arrays: dict[str, NDArray[Any]] = {
+            "tissue": truth.tissue_mask,
+            "tumour": truth.tumour_mask,
+            "downsample": np.asarray(truth.mask_downsample),
+            **{f"artefact_{kind}": mask for kind, mask in truth.artefact_masks.items()},
+        }
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
 
 
 def load_truth(path: Path) -> SlideTruth:
@@ -1146,6 +1286,11 @@ def load_truth(path: Path) -> SlideTruth:
     summary = json.loads(json_path.read_text())
     with np.load(npz_path) as masks:
         tissue, tumour = masks["tissue"].astype(bool), masks["tumour"].astype(bool)
+        artefact_masks = {
+            kind: masks[f"artefact_{kind}"].astype(bool)
+            for kind in ARTEFACT_KINDS
+            if f"artefact_{kind}" in masks.files
+        }
     return SlideTruth(
         path=path,
         label=summary["label"],
@@ -1162,6 +1307,7 @@ def load_truth(path: Path) -> SlideTruth:
         tumour_mask=tumour,
         spec=SynthSpec(**summary["spec"]),
         identifying_properties=summary.get("identifying_properties", {}),
+        artefact_masks=artefact_masks,
     )
 
 
@@ -1177,6 +1323,9 @@ def generate_cohort(
     tumour_fraction: float = 0.2,
     with_mpp: bool = True,
     tile_size: int | None = None,
+    artefacts: bool = False,
+    jpeg_tables: bool = False,
+    rgb_coded_jpeg: bool = False,
     progress: Callable[[Path, float], None] | None = None,
     on_slide: Callable[[SlideTruth], None] | None = None,
 ) -> list[SlideTruth]:
@@ -1204,6 +1353,9 @@ def generate_cohort(
             seed=slide_seed,
             tile_size=tile_size or (240 if fmt == "svs" else 256),
             with_mpp=with_mpp,
+            artefacts=artefacts,
+            jpeg_tables=jpeg_tables,
+            rgb_coded_jpeg=rgb_coded_jpeg,
         )
         slide_path = out_dir / f"synth-{slide_seed:06d}.{extension}"
         callback = None if progress is None else functools.partial(progress, slide_path)
@@ -1252,6 +1404,21 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-size", type=int, default=None, help="stored tile size (240 for svs, 256 tiff)"
     )
     parser.add_argument("--no-mpp", action="store_true", help="tiff only: write no resolution (MPP) at all")
+    parser.add_argument(
+        "--artefacts",
+        action="store_true",
+        help="draw pen strokes (blue, green, black), blurred disks, dark debris and faint tissue, with truth masks",
+    )
+    parser.add_argument(
+        "--jpeg-tables",
+        action="store_true",
+        help="store JPEG tables once per level (TIFF JPEGTables), as Aperio does",
+    )
+    parser.add_argument(
+        "--rgb-jpeg",
+        action="store_true",
+        help="RGB-coded JPEG tiles (photometric RGB, no colour marker); implies --jpeg-tables",
+    )
 
 
 def cli_synth(args: argparse.Namespace) -> int:
@@ -1279,6 +1446,9 @@ def cli_synth(args: argparse.Namespace) -> int:
             tumour_fraction=args.tumour_fraction,
             with_mpp=not args.no_mpp,
             tile_size=args.tile_size,
+            artefacts=args.artefacts,
+            jpeg_tables=args.jpeg_tables or args.rgb_jpeg,
+            rgb_coded_jpeg=args.rgb_jpeg,
             progress=report_progress,
             on_slide=report_slide,
         )

@@ -162,12 +162,17 @@ def _hsv(rgb: ImageArray) -> tuple[NDArray[np.float32], NDArray[np.float32], NDA
     return hue, saturation.astype(np.float32), brightest
 
 
-def ink_mask(rgb: ImageArray) -> BoolArray:
-    """Pixels of blue, green or black marker pen (the rule is in the module docstring)."""
+def ink_mask(rgb: ImageArray, *, black_value: float = 0.25, black_max_saturation: float = 1.0) -> BoolArray:
+    """Pixels of blue, green or black marker pen (the rule is in the module docstring).
+
+    ``black_value`` is the brightness below which a pixel counts as black ink: 0.25 on a thumbnail,
+    where nuclei are averaged away; tile QC at full resolution uses a lower one, and a saturation
+    ceiling that keeps brown debris and folds (saturated) apart from black ink (near neutral).
+    """
     hue, saturation, value = _hsv(rgb)
     blue = (hue >= 190.0) & (hue <= 240.0) & (saturation >= 0.45)
     green = (hue >= 75.0) & (hue < 190.0) & (saturation >= 0.25)
-    black = value < 0.25
+    black = (value < black_value) & (saturation <= black_max_saturation)
     return np.asarray(blue | green | black, dtype=bool)
 
 
