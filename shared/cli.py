@@ -88,11 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--stalled-after", type=float, default=0.0, help="seconds without progress")
     reconcile.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_reconcile"))
 
-    model = sub.add_parser("model", help="models")
-    model.add_argument("action", choices=["init-defaults"])
-    model.add_argument("--model-dir", type=Path, default=None)
-    model.add_argument("--seed", type=int, default=0)
-    model.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_model"))
+    _add_model_commands(sub)
 
     demo = sub.add_parser("demo", help="stack + services + synthetic slides in, predictions out")
     demo.add_argument("--slides", type=int, default=6)
@@ -100,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=900.0)
     demo.set_defaults(handler=_lazy("wsitk.shared.demo", "cli_demo"))
     return parser
+
+
+def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``wsi model ...`` and ``wsi export ...`` (argument definitions in ``models/cli.py``, no torch)."""
+    model = sub.add_parser("model", help="models: the defaults, backbone export")
+    model_sub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init_defaults = model_sub.add_parser("init-defaults", help="build the default backbone and MIL model")
+    init_defaults.add_argument("--model-dir", type=Path, default=None)
+    init_defaults.add_argument("--seed", type=int, default=0)
+    init_defaults.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_model"))
+    export_backbone = model_sub.add_parser(
+        "export-backbone", help="export a torch tile encoder to ONNX, validated against torch"
+    )
+    _add_lazy_arguments(export_backbone, "wsitk.shared.models.cli", "add_export_backbone_arguments")
+    export_backbone.set_defaults(handler=_lazy("wsitk.shared.models.cli", "cli_export_backbone"))
+
+    export = sub.add_parser("export", help="export a slide's features (h5 for CLAM / TRIDENT)")
+    _add_lazy_arguments(export, "wsitk.shared.models.cli", "add_export_arguments")
+    export.set_defaults(handler=_lazy("wsitk.shared.models.cli", "cli_export"))
 
 
 def cli_run(args: argparse.Namespace) -> int:

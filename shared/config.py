@@ -87,9 +87,24 @@ class Settings(BaseSettings):
     qc_min_tissue_fraction: float = 0.5
     qc_min_blur_variance: float = 15.0
     mpp_override: float = 0.0  # used only for slides without MPP; 0 = reject such slides
+    stain_method: str = (
+        ""  # "", "macenko" or "reinhard": fitted per slide by the tiler, applied by the embedder
+    )
+    qc_max_pen_fraction: float = 0.0  # 0 = quality-filter's documented default (services/quality_filter)
+    qc_max_dark_fraction: float = 0.0
+    qc_max_bright_fraction: float = 0.0
     max_slide_pixels: int = 200_000 * 200_000  # larger claimed dimensions are rejected as absurd
     max_tiles_per_slide: int = 20000  # the scorer's cap (deterministic sub-sampling beyond it)
     isolation_memory_bytes: int = 6 * 1024**3  # address-space limit of the slide-decoding subprocess
+
+    # Embedder (docs/embedder.md)
+    embed_batch_size: int = (
+        64  # tiles per model call; batches fill across shards and slides (256-512 on a GPU)
+    )
+    embed_messages_per_batch: int = 32  # QC results consumed and embedded together
+    embed_decode_workers: int = 0  # decoding/preprocessing threads; 0 = cores - 1
+    embed_prefetch_batches: int = 3  # model batches prepared ahead of the running one (the bounded queue)
+    embed_backend: str = "auto"  # "onnxruntime", "torch" (CUDA torch beside a CPU-only onnxruntime) or "auto"
 
     @field_validator("target_mpp", "tile_size", "tiles_per_shard")
     @classmethod

@@ -59,6 +59,10 @@ class ServiceContext:
             qc_min_tissue_fraction=s.qc_min_tissue_fraction,
             qc_min_blur_variance=s.qc_min_blur_variance,
             mpp_override=s.mpp_override,
+            stain_method=s.stain_method,
+            qc_max_pen_fraction=s.qc_max_pen_fraction,
+            qc_max_dark_fraction=s.qc_max_dark_fraction,
+            qc_max_bright_fraction=s.qc_max_bright_fraction,
         )
         profile.profile_id = profile_id(profile)
         return profile

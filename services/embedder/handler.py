@@ -1,6 +1,8 @@
 """embedder: the accepted tiles of each QC'd shard become float16 embeddings in the object store.
 
-One ``ShardEmbedding`` per ``QcResult``, empty shards included. Embeddings are stored per shard as
+The work itself is in ``engine.py`` (no Kafka there); this module turns a consumed batch of ``QcResult``
+events into engine jobs and the engine's results into events. One ``ShardEmbedding`` per ``QcResult``,
+empty shards included. Embeddings are stored per shard as
 an ``.npz`` (``features`` float16 [N, D], ``coords`` int64 [N, 2] level-0 top-left corners),
 put-if-absent under a key that names the backbone, so a redelivery re-publishes what is stored and a
 slide embedded with two backbones never mixes. Every event names the backbone id and the checksum of
@@ -12,8 +14,10 @@ from __future__ import annotations
 import io
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from wsitk.services.embedder.engine import EmbeddingEngine, ShardJob
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
@@ -21,8 +25,12 @@ from wsitk.shared.contracts import new_meta, pb
 from wsitk.shared.errors import PermanentError
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import MODEL_INFO, TILES
-from wsitk.shared.shards import Shard, mask_from_bytes
+from wsitk.shared.objectstore import StoredObject
+from wsitk.shared.shards import mask_from_bytes
 from wsitk.shared.topics import EMBEDDINGS
+
+if TYPE_CHECKING:
+    from wsitk.shared.models.runtime import TileEncoder
 
 SERVICE = "embedder"
 log = get_logger()
@@ -41,40 +49,123 @@ def backbone_path(ctx: ServiceContext) -> Path:
 
 
 class EmbedderHandler:
-    def __init__(self, ctx: ServiceContext) -> None:
+    """Embeds the QC results of a consumed batch together, so model batches fill across shards and slides.
+
+    ``handle_batch`` is the runtime's ``batch_handler``: it runs in a worker thread while the partitions
+    are paused (the consumer keeps heartbeating however long the batch takes) and returns one outcome per
+    message, an exception for a message whose shard failed. Settings (see ``main.build``): ``batch_size``
+    tiles per model call, ``decode_workers`` and ``prefetch_batches`` for the preparation pool, ``backend``
+    (``auto``, ``onnxruntime``, ``torch``).
+    """
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        batch_size: int = 64,
+        decode_workers: int = 0,
+        prefetch_batches: int = 3,
+        backend: str = "auto",
+    ) -> None:
         self.ctx = ctx
+        self.batch_size = batch_size
+        self.decode_workers = decode_workers
+        self.prefetch_batches = prefetch_batches
+        self.backend = backend
 
     @cached_property
-    def runner(self):  # type: ignore[no-untyped-def]  # onnxruntime is imported lazily
-        from wsitk.shared.models.runtime import BackboneRunner
+    def runner(self) -> TileEncoder:
+        from wsitk.shared.models.runtime import open_backbone
 
-        runner = BackboneRunner(backbone_path(self.ctx), batch_size=32)
+        runner = open_backbone(backbone_path(self.ctx), backend=self.backend, batch_size=self.batch_size)
         MODEL_INFO.labels(SERVICE, "backbone", runner.backbone_id).set(1)
-        log.info("backbone loaded", backbone_id=runner.backbone_id, providers=runner.providers)
+        log.info(
+            "backbone loaded",
+            backbone_id=runner.backbone_id,
+            providers=runner.providers,
+            batch_size=self.batch_size,
+        )
         return runner
 
+    @cached_property
+    def engine(self) -> EmbeddingEngine:
+        return EmbeddingEngine(
+            self.runner,
+            self.ctx.store,
+            artifacts_bucket=self.ctx.settings.artifacts_bucket,
+            decode_workers=self.decode_workers,
+            prefetch_batches=self.prefetch_batches,
+        )
+
     def handle(self, message: Incoming) -> list[Outgoing]:
-        event = message.event
-        assert isinstance(event, pb.QcResult)
+        """One message on its own (tests, tools); the service uses ``handle_batch``."""
+        (outcome,) = self.handle_batch([message])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def handle_batch(self, messages: list[Incoming]) -> list[list[Outgoing] | BaseException]:
         runner = self.runner
-        if event.profile.encoder_id and event.profile.encoder_id != runner.backbone_id:
-            raise PermanentError(
-                "encoder-mismatch",
-                f"this slide's profile pins encoder {event.profile.encoder_id}, but this embedder runs "
-                f"{runner.backbone_id}; run an embedder with that encoder, or `wsi rescore` with a new profile",
-            )
-        slide_id = event.meta.slide_id
         bucket = self.ctx.settings.artifacts_bucket
-        key = f"embeddings/{slide_id}/{event.tiling_run_id}/{runner.backbone_id}/{event.shard_id}.npz"
-        ref = pb.ObjectRef()
-        count = 0
-        if event.accepted_count > 0:
-            stored = self.ctx.store.stat(bucket, key)
-            if stored is None:
-                stored = self.ctx.store.put_if_absent(bucket, key, self._embed(event))
-            with np.load(io.BytesIO(self.ctx.store.get_bytes(bucket, key))) as data:
-                count = int(data["features"].shape[0])
-            ref = pb.ObjectRef(bucket=stored.bucket, key=stored.key, size=stored.size, sha256=stored.sha256)
+        outcomes: list[list[Outgoing] | BaseException] = []
+        to_embed: dict[int, ShardJob] = {}
+        known: dict[int, tuple[StoredObject, int]] = {}
+        for index, message in enumerate(messages):
+            event = message.event
+            if not isinstance(event, pb.QcResult):
+                outcomes.append(PermanentError("wrong-event", f"expected a QcResult, got {type(event)}"))
+                continue
+            outcomes.append([])
+            if event.profile.encoder_id and event.profile.encoder_id != runner.backbone_id:
+                outcomes[index] = PermanentError(
+                    "encoder-mismatch",
+                    f"this slide's profile pins encoder {event.profile.encoder_id}, but this embedder runs "
+                    f"{runner.backbone_id}; run an embedder with that encoder, or `wsi rescore` with a new "
+                    "profile",
+                )
+                continue
+            if event.accepted_count == 0:
+                continue
+            job = ShardJob(
+                slide_id=event.meta.slide_id,
+                tiling_run_id=event.tiling_run_id,
+                shard_id=event.shard_id,
+                shard_bucket=event.shard.bucket,
+                shard_key=event.shard.key,
+                accepted=mask_from_bytes(event.accepted_mask, event.tile_count),
+                stain=event.stain if event.HasField("stain") else None,
+            )
+            try:
+                stored = self.ctx.store.stat(bucket, self.engine.key_for(job))
+                if stored is not None:  # a redelivery: what is stored stands, its checksum is published
+                    known[index] = (stored, self._stored_count(stored))
+                else:
+                    to_embed[index] = job
+            except Exception as exc:
+                outcomes[index] = exc
+        results = self.engine.run(list(to_embed.values())) if to_embed else []
+        for index, result in zip(to_embed, results, strict=True):
+            if isinstance(result, BaseException):
+                outcomes[index] = result
+            elif result.stored is not None:  # (another replica's object when it won a race: same tiles)
+                known[index] = (result.stored, result.tile_count)
+        embedded = sum(count for _, count in known.values())
+        TILES.labels(SERVICE, "embedded").inc(embedded)
+        for index, message in enumerate(messages):
+            if isinstance(outcomes[index], BaseException):
+                continue
+            event = message.event
+            assert isinstance(event, pb.QcResult)
+            outcomes[index] = [self._output(event, *known.get(index, (None, 0)))]
+        return outcomes
+
+    def _stored_count(self, stored: StoredObject) -> int:
+        with np.load(io.BytesIO(self.ctx.store.get_bytes(stored.bucket, stored.key))) as data:
+            return int(data["features"].shape[0])
+
+    def _output(self, event: pb.QcResult, stored: StoredObject | None, count: int) -> Outgoing:
+        runner = self.runner
+        slide_id = event.meta.slide_id
         out = pb.ShardEmbedding(
             meta=new_meta(
                 service=SERVICE,
@@ -90,16 +181,8 @@ class EmbedderHandler:
             backbone_sha256=runner.sha256,
             profile=event.profile,
         )
-        if count:
-            out.embeddings.CopyFrom(ref)
-        return [Outgoing(EMBEDDINGS, slide_id, out)]
-
-    def _embed(self, event: pb.QcResult) -> bytes:
-        shard = Shard(self.ctx.store.get_bytes(event.shard.bucket, event.shard.key))
-        keep = np.flatnonzero(mask_from_bytes(event.accepted_mask, event.tile_count))
-        tiles = np.stack([tile for _, tile in shard.iter_decoded(keep.tolist())])
-        features = self.runner.embed(tiles).astype(np.float16)
-        TILES.labels(SERVICE, "embedded").inc(len(features))
-        buffer = io.BytesIO()
-        np.savez(buffer, features=features, coords=shard.coords[keep])
-        return buffer.getvalue()
+        if count and stored is not None:
+            out.embeddings.CopyFrom(
+                pb.ObjectRef(bucket=stored.bucket, key=stored.key, size=stored.size, sha256=stored.sha256)
+            )
+        return Outgoing(EMBEDDINGS, slide_id, out)

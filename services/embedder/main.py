@@ -1,4 +1,5 @@
-"""Entry point: ``wsi run embedder``."""
+"""Entry point: ``wsi run embedder``. Its settings (``WSI_EMBED_*``) are documented in shared/config.py
+and docs/embedder.md."""
 
 from __future__ import annotations
 
@@ -10,8 +11,19 @@ from wsitk.shared.topics import QC_RESULTS
 
 
 def build(settings: Settings) -> ServiceSpec:
-    handler = EmbedderHandler(ServiceContext(settings, SERVICE))
-    return ServiceSpec(name=SERVICE, topics=[QC_RESULTS], handler=handler.handle, batch_size=4)
+    handler = EmbedderHandler(
+        ServiceContext(settings, SERVICE),
+        batch_size=settings.embed_batch_size,
+        decode_workers=settings.embed_decode_workers,
+        prefetch_batches=settings.embed_prefetch_batches,
+        backend=settings.embed_backend,
+    )
+    return ServiceSpec(
+        name=SERVICE,
+        topics=[QC_RESULTS],
+        batch_handler=handler.handle_batch,
+        batch_size=settings.embed_messages_per_batch,
+    )
 
 
 def main(settings: Settings) -> int:

@@ -1,0 +1,109 @@
+"""``wsi export h5``: a slide's embeddings as the h5 file CLAM and TRIDENT users feed to their MIL code.
+
+One file per slide, as CLAM's ``extract_features_fp.py`` and TRIDENT write them:
+
+- dataset ``features``: float32 ``[N, D]`` (stored as float16 in the object store, widened here);
+- dataset ``coords``: int64 ``[N, 2]``, level-0 top-left (x, y) of each tile, row i matching feature i;
+  attributes as CLAM's patching and TRIDENT write them on ``coords``: ``patch_size`` (pixels at the
+  target resolution), ``patch_level`` (0: coordinates are level-0), ``patch_size_level0``,
+  ``target_mpp``, ``name`` (the slide id);
+- file attributes saying what produced it: ``slide_id``, ``tiling_run_id``, ``backbone_id``, ``shards``.
+
+The embeddings are read from the artifacts bucket by slide id
+(``embeddings/{slide}/{tiling run}/{backbone id}/{shard}.npz``). A slide tiled twice or embedded with two
+backbones has several such sets; the export never mixes them and asks which one when it is ambiguous.
+Needs ``h5py`` (imported here only).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from wsitk.shared.objectstore import ObjectStore
+
+
+@dataclass(frozen=True)
+class FeatureExport:
+    path: Path
+    slide_id: str
+    tiling_run_id: str
+    backbone_id: str
+    tiles: int
+    dim: int
+    shards: int
+
+
+def embedding_sets(store: ObjectStore, bucket: str, slide_id: str) -> dict[tuple[str, str], list[str]]:
+    """``{(tiling run, backbone id): [shard keys, sorted]}`` stored for one slide."""
+    sets: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for item in store.list_keys(bucket, f"embeddings/{slide_id}/"):
+        parts = item.key.split("/")
+        if len(parts) == 5 and parts[4].endswith(".npz"):
+            sets[(parts[2], parts[3])].append(item.key)
+    return {key: sorted(keys) for key, keys in sets.items()}
+
+
+def export_slide_h5(
+    store: ObjectStore,
+    bucket: str,
+    slide_id: str,
+    out_path: Path,
+    *,
+    tiling_run_id: str = "",
+    backbone_id: str = "",
+) -> FeatureExport:
+    """Write one slide's features and coordinates to ``out_path`` (h5); see the module docstring."""
+    import h5py
+
+    sets = embedding_sets(store, bucket, slide_id)
+    chosen = {
+        key: keys
+        for key, keys in sets.items()
+        if (not tiling_run_id or key[0] == tiling_run_id) and (not backbone_id or key[1] == backbone_id)
+    }
+    if not chosen:
+        raise LookupError(
+            f"no embeddings of slide {slide_id} in bucket {bucket}"
+            + (f" for tiling run {tiling_run_id!r} / backbone {backbone_id!r}" if sets else "")
+            + (f"; stored: {sorted(sets)}" if sets else "; is the slide id right, and has it been embedded?")
+        )
+    if len(chosen) > 1:
+        options = ", ".join(f"--tiling-run {run} --backbone {backbone}" for run, backbone in sorted(chosen))
+        raise LookupError(
+            f"slide {slide_id} has {len(chosen)} embedding sets (tiling runs x backbones); never mixing them, "
+            f"choose one: {options}"
+        )
+    ((run_id, backbone), keys) = next(iter(chosen.items()))
+    features, coords = [], []
+    geometry: dict[str, float] = {}
+    for key in keys:
+        with np.load(io.BytesIO(store.get_bytes(bucket, key))) as data:
+            features.append(np.asarray(data["features"], dtype=np.float32))
+            coords.append(np.asarray(data["coords"], dtype=np.int64).reshape(-1, 2))
+            for name in ("tile_size", "tile_size_level0", "mpp"):
+                if name in data.files and name not in geometry:
+                    geometry[name] = float(data[name])
+    all_features = np.concatenate(features)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    with h5py.File(partial, "w") as handle:
+        handle.create_dataset("features", data=all_features)
+        coords_set = handle.create_dataset("coords", data=np.concatenate(coords))
+        coords_set.attrs["patch_size"] = int(geometry.get("tile_size", 0))
+        coords_set.attrs["patch_level"] = 0
+        coords_set.attrs["patch_size_level0"] = round(geometry.get("tile_size_level0", 0.0))
+        coords_set.attrs["target_mpp"] = float(geometry.get("mpp", 0.0))
+        coords_set.attrs["name"] = slide_id
+        handle.attrs["slide_id"] = slide_id
+        handle.attrs["tiling_run_id"] = run_id
+        handle.attrs["backbone_id"] = backbone
+        handle.attrs["shards"] = len(keys)
+    partial.replace(out_path)
+    return FeatureExport(
+        out_path, slide_id, run_id, backbone, len(all_features), int(all_features.shape[1]), len(keys)
+    )
