@@ -192,6 +192,7 @@ async def read_public_events(
     """Yield (topic, headers, json) for every event on the topics, from the beginning, without a group."""
     from aiokafka import TopicPartition
     from wsitk.shared.bus.kafka import make_consumer
+    from wsitk.shared.contracts import MalformedEvent, decode, to_json_dict
 
     consumer = make_consumer(settings, [], None)
     await consumer.start()
@@ -210,9 +211,9 @@ async def read_public_events(
                 idle_since = time.monotonic()
             for record in records:
                 try:
-                    body = json.loads(record.value or b"null")
-                except json.JSONDecodeError:
-                    body = {"undecodable": (record.value or b"")[:200].decode("utf-8", "replace")}
+                    body = to_json_dict(decode(record.topic, record.value))
+                except MalformedEvent as exc:  # someone else's bytes on a public topic: say so, don't stop
+                    body = {"undecodable": str(exc)[:300]}
                 headers = {k: v.decode("utf-8", "replace") for k, v in (record.headers or [])}
                 yield record.topic, headers, body
             if not follow and time.monotonic() - idle_since > idle_timeout_s:
@@ -249,7 +250,7 @@ async def redrive(
     """Replay dead letters (once each, by event id) to their source topics; mark them redriven."""
     from aiokafka import TopicPartition
     from wsitk.shared.bus.kafka import make_consumer, make_producer
-    from wsitk.shared.contracts import pb
+    from wsitk.shared.contracts import MalformedEvent, decode, pb
     from wsitk.shared.db.connection import Database
     from wsitk.shared.topics import DEADLETTER
 
@@ -270,7 +271,15 @@ async def redrive(
             batch = await consumer.getmany(timeout_ms=500)
             for record in (r for rs in batch.values() for r in rs):
                 idle_since = time.monotonic()
-                letter = pb.DeadLetter.FromString(record.value or b"")
+                try:
+                    letter = decode(DEADLETTER, record.value)
+                except MalformedEvent as exc:
+                    print(
+                        f"skipping an undecodable record at {DEADLETTER}@{record.offset}: {exc}",
+                        file=sys.stderr,
+                    )
+                    continue
+                assert isinstance(letter, pb.DeadLetter)
                 if letter.meta.event_id in done or (service and letter.service != service):
                     continue
                 if slide and letter.meta.slide_id != slide:

@@ -45,9 +45,8 @@ def make_slides(folder: Path, count: int, seed: int) -> list[Path]:
 
 def public_events(pipeline: Pipeline, topic: str) -> list[dict]:
     async def collect() -> list[dict]:
-        return [
-            body async for _, _, body in read_public_events(pipeline.settings(), [topic], idle_timeout_s=3.0)
-        ]
+        events = read_public_events(pipeline.settings(), [topic], idle_timeout_s=3.0)
+        return [body async for _, _, body in events if "meta" in body]  # skip others' undecodable records
 
     return asyncio.run(collect())
 

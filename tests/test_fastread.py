@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +33,24 @@ def variant_slide(
     return path, spec
 
 
+_OPENED: list[object] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_what_tests_opened() -> Iterator[None]:
+    """Readers and slides hold file descriptors; later tests check that none leak."""
+    yield
+    while _OPENED:
+        opened = _OPENED.pop()
+        with contextlib.suppress(Exception):  # a test may have closed it already (``with slide:``)
+            opened.close()  # type: ignore[attr-defined]
+
+
 def _open(path: Path) -> tuple[openslide.OpenSlide, object]:
     slide = openslide.OpenSlide(str(path))
     reader, why = open_fast_reader(path, slide.properties["openslide.vendor"], list(slide.level_dimensions))
     assert reader is not None, why
+    _OPENED.extend([slide, reader])
     return slide, reader
 
 
@@ -86,6 +102,7 @@ def test_aperio_fixture_with_shared_tables_and_rgb_jpeg_matches_openslide() -> N
 
 def test_non_jpeg_fixture_falls_back_to_openslide_with_a_reason() -> None:
     slide = openslide.OpenSlide(str(FIXTURES / "boxes.tiff"))
+    _OPENED.append(slide)
     reader, why = open_fast_reader(FIXTURES / "boxes.tiff", "generic-tiff", list(slide.level_dimensions))
     assert reader is None and "compression 8" in why
     reader, why = open_fast_reader(FIXTURES / "small.svs", "hamamatsu", [(16, 16)])
