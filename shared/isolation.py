@@ -9,8 +9,11 @@ child.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import resource
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +26,18 @@ from wsitk.shared.errors import PermanentError
 T = TypeVar("T")
 
 
-def _limit_memory(max_bytes: int) -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def _init_child(max_bytes: int) -> None:
+    """In the child: die with the parent (a SIGKILLed service must not leave decoders behind), cap memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    except OSError:  # not Linux/glibc: the pool's own shutdown still reaps children on a clean exit
+        pass
     if max_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
 
@@ -43,7 +57,7 @@ class IsolatedRunner:
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_limit_memory,
+                initializer=_init_child,
                 initargs=(self.memory_limit_bytes,),
                 max_tasks_per_child=self.max_tasks_per_child,
             )

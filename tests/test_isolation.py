@@ -1,0 +1,77 @@
+"""Risky decoding in a child process: a crash or an out-of-memory is a readable error, not a dead
+service, and a killed service leaves no decoder process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from wsitk.shared.errors import PermanentError
+from wsitk.shared.isolation import IsolatedRunner
+
+
+def _crash() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _allocate(gigabytes: int) -> int:
+    return len(bytearray(gigabytes * 1024**3))
+
+
+def _child_pid() -> int:
+    return os.getpid()
+
+
+def test_a_crashing_decoder_is_a_permanent_error_and_the_next_call_works() -> None:
+    runner = IsolatedRunner(memory_limit_bytes=1024**3, timeout_s=30)
+    try:
+        with pytest.raises(PermanentError) as caught:
+            runner.run("decoding bad.svs", _crash)
+        assert caught.value.code == "decoder-crashed" and "bad.svs" in caught.value.reason
+        assert runner.run("decoding good.svs", _child_pid) != os.getpid()
+    finally:
+        runner.close()
+
+
+def test_an_allocation_beyond_the_limit_is_refused_not_fatal() -> None:
+    runner = IsolatedRunner(memory_limit_bytes=512 * 1024**2, timeout_s=30)
+    try:
+        with pytest.raises(PermanentError) as caught:
+            runner.run("decoding bomb.tiff", _allocate, 2)
+        assert caught.value.code in {"out-of-memory", "decoder-crashed"}
+    finally:
+        runner.close()
+
+
+def test_decoder_children_die_with_a_killed_parent() -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        from wsitk.shared.isolation import IsolatedRunner
+        runner = IsolatedRunner(memory_limit_bytes=0, timeout_s=30)
+        print(runner.run("probe", os.getpid), flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        os.kill(child, 0)  # alive while the parent lives
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        pytest.fail(f"decoder process {child} outlived its SIGKILLed parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
