@@ -230,6 +230,7 @@ def tissue_mask_from_rgb(
     ink_margin_px: int = 2,
     closing_iterations: int = 2,
     opening_iterations: int = 1,
+    faint_ratio: float = 0.5,
 ) -> tuple[BoolArray, float, float]:
     """Tissue mask of a thumbnail; returns (mask, saturation threshold, ink fraction).
 
@@ -248,6 +249,19 @@ def tissue_mask_from_rgb(
     threshold = otsu_threshold(saturation[~ink])
     threshold = min(max(threshold, min_saturation), max_saturation_threshold)
     tissue = candidates & (saturation >= threshold)
+    if faint_ratio > 0:
+        # Pale tissue (weak staining) sits well below a threshold that strong tissue set: accept regions
+        # above a lower threshold too, if they are solid (opening) and large enough to be tissue.
+        low = max(min_saturation, faint_ratio * threshold)
+        faint = _padded_morphology(candidates & (saturation >= low) & ~tissue, "open", 1)
+        labels, count = ndimage.label(faint)
+        if count:
+            sizes = np.bincount(labels.ravel(), minlength=count + 1)
+            touching = np.unique(labels[ndimage.binary_dilation(tissue, iterations=2) & faint])
+            keep = sizes >= min_region_area_mm2 / pixel_area_mm2  # hysteresis: large on its own,
+            keep[touching] = True  # or continuing strong tissue
+            keep[0] = False
+            tissue |= keep[labels]
     tissue = _padded_morphology(tissue, "close", closing_iterations)
     holes = ndimage.binary_fill_holes(tissue) & ~tissue
     tissue |= _small_components(holes, max_hole_area_mm2 / pixel_area_mm2)
