@@ -94,6 +94,7 @@ def test_qc_finds_pen_blur_and_debris_with_high_precision_and_recall(artefact_sl
             elif positives[kind]:
                 counts[2] += 1
     reader.close()
+    print(f"QC against truth (tp, fp, fn): {outcome}")  # the figures in docs/tiling-and-qc.md
     for kind, (tp, fp, fn) in outcome.items():
         assert tp > 0, (kind, outcome)
         precision, recall = tp / (tp + fp), tp / (tp + fn)
