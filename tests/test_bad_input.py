@@ -17,7 +17,7 @@ from wsitk.shared.topics import BUCKET_EVENTS, topic_table
 
 from tests.conftest import Pipeline
 from tests.test_e2e_pipeline import all_terminal
-from tests.test_slides_reader import write_tiff_claiming
+from tests.test_slides_reader import write_tiff_claiming, write_tiff_with_huge_description
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +40,7 @@ def test_bad_files_are_rejected_with_reasons_and_hold_nothing_back(
     data = good.read_bytes()
     (tmp_path / "truncated.svs").write_bytes(data[: len(data) // 3])
     write_tiff_claiming(tmp_path / "bomb.tiff", side=1_000_000)
+    write_tiff_with_huge_description(tmp_path / "huge-metadata.tiff")
     shutil.copy(fixtures_dir / "unopenable.tiff", tmp_path / "unopenable.tiff")
     shutil.copy(fixtures_dir / "unreadable.svs", tmp_path / "unreadable.svs")
     expected = {
@@ -47,6 +48,7 @@ def test_bad_files_are_rejected_with_reasons_and_hold_nothing_back(
         "notes.svs": "not-a-slide",
         "truncated.svs": None,  # any rejection code: what OpenSlide trips over first depends on the cut
         "bomb.tiff": "absurd-dimensions",
+        "huge-metadata.tiff": "metadata-too-large",
         "unopenable.tiff": None,
         "unreadable.svs": "unreadable-pixels",
     }

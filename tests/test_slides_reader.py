@@ -242,3 +242,30 @@ def test_kept_properties_is_an_allow_list() -> None:
         "openslide.level[3].tile-width": "256",
         "hamamatsu.SourceLens": "40",
     }
+
+
+def write_tiff_with_huge_description(path: Path, size_bytes: int = 3 * 1024 * 1024) -> None:
+    """A small, valid tiled JPEG TIFF whose ImageDescription is absurdly large."""
+    import tifffile
+
+    image = np.full((512, 512, 3), 200, np.uint8)
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(
+            image,
+            tile=(256, 256),
+            compression="jpeg",
+            description="x" * size_bytes,
+            metadata=None,
+            resolution=(20000, 20000),
+            resolutionunit="CENTIMETER",
+        )
+
+
+def test_an_enormous_metadata_field_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "huge-description.tiff"
+    write_tiff_with_huge_description(path)
+    refused = rejection(path)
+    assert refused.code == "metadata-too-large" and "3,145,728 bytes" in refused.reason
+    small = tmp_path / "normal-description.tiff"
+    write_tiff_with_huge_description(small, size_bytes=2000)
+    assert inspect_slide(small, max_pixels=MAX_PIXELS).width == 512

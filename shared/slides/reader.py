@@ -15,7 +15,8 @@ stops at the first failure, raising ``SlideRejected`` with a short ``code`` and 
 5. pixels decode: a small region of the lowest-resolution level and one stored tile of level 0 near the
    centre (``unreadable-pixels``, with OpenSlide's own error text, e.g. "Bogus marker length");
 6. the physical resolution is known (``no-mpp``, policy below);
-7. the metadata that will travel in events fits ``max_property_bytes`` (``metadata-too-large``).
+7. no metadata field exceeds ``max_field_bytes`` and the metadata that will travel in events fits
+   ``max_property_bytes`` (``metadata-too-large``).
 
 MPP policy (micrometres per level-0 pixel; tiling is physical, never "a pyramid level"):
 ``openslide.mpp-x/y`` when present and plausible (source ``"properties"``); otherwise the objective
@@ -321,6 +322,18 @@ def _check_metadata_size(path: Path, kept: Mapping[str, str], max_property_bytes
         )
 
 
+def _check_field_sizes(path: Path, properties: Mapping[str, str], max_field_bytes: int) -> None:
+    """One metadata field beyond the limit is no scanner's output: a malformed or crafted file."""
+    name, value = max(properties.items(), key=lambda item: len(item[1]), default=("", ""))
+    if len(value.encode()) > max_field_bytes:
+        raise SlideRejected(
+            "metadata-too-large",
+            f"{path.name} has a metadata field ({name}) of {len(value.encode()):,} bytes, beyond the limit of "
+            f"{max_field_bytes:,}; no scanner writes that much: the file is malformed or crafted. Re-export "
+            "the slide from the scanner software.",
+        )
+
+
 def inspect_slide(
     path: Path,
     *,
@@ -328,6 +341,7 @@ def inspect_slide(
     mpp_override: float = 0.0,
     max_property_bytes: int = 1 << 20,
     allow_identifying: bool = False,
+    max_field_bytes: int = 1 << 20,
     min_side_px: int = 1,
 ) -> SlideInfo:
     """Validate ``path`` as a slide and describe it, de-identified; raises ``SlideRejected``.
@@ -366,6 +380,7 @@ def inspect_slide(
         _probe_pixels(path, slide, levels)
         properties = dict(slide.properties)
         mpp = mpp_for(properties, mpp_override, file_name=path.name)
+        _check_field_sizes(path, properties, max_field_bytes)
         kept = kept_properties(properties, allow_identifying=allow_identifying)
         _check_metadata_size(path, kept, max_property_bytes)
         power = _parse_float(properties.get("openslide.objective-power"))
