@@ -3,7 +3,7 @@
     python -m tests.benchmarks.bench_embedder --model resnet50-trunc --batch-size 32 --shards 6
     python -m tests.benchmarks.bench_embedder --model small-cnn --batch-size 64 --shards 20
     python -m tests.benchmarks.bench_embedder --model resnet50-trunc --fp16 --uint8-input \\
-        --backend auto --batch-size 512 --shards 120 --workdir /tmp/bench     # on a GPU machine
+        --backend auto --batch-size 512 --shards 120 --workdir bench-results/embedder     # on a GPU machine
     python -m tests.benchmarks.bench_embedder --smoke                        # seconds; run by the tests
 
 In one process it:

@@ -2,8 +2,8 @@
 
 Run (not a timed test; numbers depend on the machine)::
 
-    python -m tests.benchmarks.bench_tiles --workdir /tmp/wsi-bench            # 20x and 40x, 12000x9000 px
-    python -m tests.benchmarks.bench_tiles --workdir /tmp/wsi-bench --quick    # seconds: the smoke form
+    python -m tests.benchmarks.bench_tiles --workdir bench-results/tiles            # 20x and 40x, 12000x9000 px
+    python -m tests.benchmarks.bench_tiles --workdir bench-results/tiles --quick    # seconds: the smoke form
 
 On each slide, in one process, over the same planned tissue tiles (0.5 um/px, 256 px):
 
