@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``wsi model ...`` and ``wsi export ...`` (argument definitions in ``models/cli.py``, no torch)."""
-    model = sub.add_parser("model", help="models: the defaults, backbone export")
+    model = sub.add_parser(
+        "model", help="models: defaults, backbone export, registry (register/promote/list)"
+    )
     model_sub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
     init_defaults = model_sub.add_parser("init-defaults", help="build the default backbone and MIL model")
     init_defaults.add_argument("--model-dir", type=Path, default=None)
@@ -111,6 +114,33 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     _add_lazy_arguments(export_backbone, "wsitk.shared.models.cli", "add_export_backbone_arguments")
     export_backbone.set_defaults(handler=_lazy("wsitk.shared.models.cli", "cli_export_backbone"))
+
+    register = model_sub.add_parser("register", help="register a training run's ensemble (ONNX + card)")
+    _add_lazy_arguments(register, "wsitk.shared.models.lifecycle", "add_register_arguments")
+    register.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_register"))
+    promote = model_sub.add_parser("promote", help="make a registered version the active one")
+    _add_lazy_arguments(promote, "wsitk.shared.models.lifecycle", "add_promote_arguments")
+    promote.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_promote"))
+    deactivate = model_sub.add_parser("deactivate", help="no active version: back to the shipped default")
+    deactivate.add_argument("--actor", default=None)
+    deactivate.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_deactivate"))
+    retire = model_sub.add_parser("retire", help="retire a registered version")
+    retire.add_argument("version")
+    retire.add_argument("--actor", default=None)
+    retire.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_retire"))
+    listing = model_sub.add_parser("list", help="registered model versions")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_list"))
+
+    train = sub.add_parser("train", help="train MIL models on labelled slides (patient-level splits, k-fold)")
+    _add_lazy_arguments(train, "wsitk.shared.models.training", "add_train_arguments")
+    train.set_defaults(handler=_lazy("wsitk.shared.models.training", "cli_train"))
+    evaluate = sub.add_parser("evaluate", help="evaluate a training run on its held-out test patients")
+    _add_lazy_arguments(evaluate, "wsitk.shared.models.evaluate_run", "add_evaluate_arguments")
+    evaluate.set_defaults(handler=_lazy("wsitk.shared.models.evaluate_run", "cli_evaluate"))
+    rescore = sub.add_parser("rescore", help="re-score slides from stored embeddings with a model version")
+    _add_lazy_arguments(rescore, "wsitk.shared.models.lifecycle", "add_rescore_arguments")
+    rescore.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_rescore"))
 
     export = sub.add_parser("export", help="export a slide's features (h5 for CLAM / TRIDENT)")
     _add_lazy_arguments(export, "wsitk.shared.models.cli", "add_export_arguments")
@@ -128,6 +158,11 @@ def cli_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("run", "demo", "services", "stack"):
+        # Tool commands print results on stdout; their library logs go to stderr, warnings and up only.
+        from wsitk.shared.logging import configure_logging
+
+        configure_logging("wsi-cli", os.environ.get("WSI_CLI_LOG_LEVEL", "WARNING"))
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     qc_max_dark_fraction: float = 0.0
     qc_max_bright_fraction: float = 0.0
     max_slide_pixels: int = 200_000 * 200_000  # larger claimed dimensions are rejected as absurd
+    model_refresh_s: float = 5.0  # how often ingest and the scorer look up the registry's active model
     max_tiles_per_slide: int = 20000  # the scorer's cap (deterministic sub-sampling beyond it)
     isolation_memory_bytes: int = 6 * 1024**3  # address-space limit of the slide-decoding subprocess
 

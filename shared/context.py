@@ -10,13 +10,16 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsitk.shared.cache import SlideCache
 from wsitk.shared.config import Settings
 from wsitk.shared.contracts import pb, profile_id
 from wsitk.shared.db.connection import Database
 from wsitk.shared.objectstore import ObjectStore, open_store
+
+if TYPE_CHECKING:
+    from wsitk.shared.models.registry import ModelResolver
 
 
 @dataclass
@@ -37,6 +40,15 @@ class ServiceContext:
     def cache(self) -> SlideCache:
         return SlideCache(self.settings.cache_dir / self.service, self.settings.cache_max_bytes)
 
+    @cached_property
+    def models(self) -> ModelResolver:
+        """MIL model versions: the registry's active one, any registered one, or the shipped default."""
+        from wsitk.shared.models.registry import ModelResolver
+
+        return ModelResolver(
+            self.db, self.store, Path(self.settings.model_dir), refresh_s=self.settings.model_refresh_s
+        )
+
     def model_manifest(self) -> dict[str, Any]:
         """The local model manifest (``$WSI_MODEL_DIR/models.json``), written by `wsi model init-defaults`."""
         path = Path(self.settings.model_dir) / "models.json"
@@ -46,7 +58,11 @@ class ServiceContext:
         return data
 
     def current_profile(self) -> pb.PipelineProfile:
-        """The pipeline profile pinned on slides ingested now (settings + the active models)."""
+        """The pipeline profile pinned on slides ingested now (settings + the active models).
+
+        The MIL model version is the registry's active one (the shipped default when none is active), so
+        a slide is scored by the version that was active when it arrived, whatever is promoted meanwhile.
+        """
         manifest = self.model_manifest()
         s = self.settings
         profile = pb.PipelineProfile(
@@ -54,7 +70,7 @@ class ServiceContext:
             tile_size=s.tile_size,
             tiles_per_shard=s.tiles_per_shard,
             encoder_id=str(manifest.get("backbone", {}).get("backbone_id", "")),
-            mil_model_version=str(manifest.get("mil", {}).get("model_version", "")),
+            mil_model_version=self.models.active(),
             min_tissue_fraction=s.min_tissue_fraction,
             qc_min_tissue_fraction=s.qc_min_tissue_fraction,
             qc_min_blur_variance=s.qc_min_blur_variance,

@@ -208,6 +208,13 @@ def test_every_dashboard_panel_and_alert_rule_works_on_a_real_prometheus(
         60,
         "the services' consumer-lag gauges",
     )
+    prometheus.wait_for(  # the Faust-based scorer exports it too, from its own consumer
+        lambda: (
+            len(prometheus.query('wsi_consumer_lag_messages{service="mil-scorer"}')["data"]["result"]) > 0
+        ),
+        60,
+        "the mil-scorer's consumer-lag gauge",
+    )
     time.sleep(6)
 
     exported = exported_metric_names(metrics_ports(pipeline.home))

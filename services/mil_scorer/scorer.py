@@ -15,32 +15,21 @@ from __future__ import annotations
 
 import io
 import zlib
-from functools import cached_property
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import deterministic_id, new_meta, pb
-from wsitk.shared.errors import PermanentError
+from wsitk.shared.errors import is_transient
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import MODEL_INFO
+from wsitk.shared.models.registry import profile_mismatch
 from wsitk.shared.topics import PREDICTIONS, SLIDES_FAILED
 
 SERVICE = "mil-scorer"
 TOP_K = 8
 log = get_logger()
-
-
-def mil_model_path(ctx: ServiceContext) -> Path:
-    manifest = ctx.model_manifest()
-    rel = manifest.get("mil", {}).get("path", "mil-default.onnx")
-    path = Path(rel) if Path(rel).is_absolute() else Path(ctx.settings.model_dir) / rel
-    if not path.is_file():
-        raise PermanentError(
-            "model-missing", f"MIL model {path} not found: run `wsi model init-defaults` or set WSI_MODEL_DIR"
-        )
-    return path
 
 
 def subsample(count: int, cap: int, slide_id: str) -> np.ndarray:
@@ -54,15 +43,16 @@ def subsample(count: int, cap: int, slide_id: str) -> np.ndarray:
 class MilScorer:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self._announced: set[str] = set()
 
-    @cached_property
-    def model(self):  # type: ignore[no-untyped-def]  # onnxruntime is imported lazily
-        from wsitk.shared.models.runtime import MilRunner
-
-        runner = MilRunner(mil_model_path(self.ctx))
-        MODEL_INFO.labels(SERVICE, "mil", runner.model_version).set(1)
-        log.info("MIL model loaded", model_version=runner.model_version, backbone_id=runner.backbone_id)
-        return runner
+    def model_for(self, version: str):  # type: ignore[no-untyped-def]  # onnxruntime is imported lazily
+        """``(MilRunner, expected profile)`` of ``version`` ('' = the active one), loaded once."""
+        runner, expected = self.ctx.models.get(version)
+        if runner.model_version not in self._announced:
+            self._announced.add(runner.model_version)
+            MODEL_INFO.labels(SERVICE, "mil", runner.model_version).set(1)
+            log.info("MIL model loaded", model_version=runner.model_version, backbone_id=runner.backbone_id)
+        return runner, expected
 
     # -- state -------------------------------------------------------------------------------------
     def on_plan(self, plan: pb.TilePlan) -> list[Outgoing]:
@@ -110,20 +100,39 @@ class MilScorer:
         return outputs
 
     # -- scoring -----------------------------------------------------------------------------------
-    def score(self, plan: pb.TilePlan, shards: list[pb.ShardEmbedding]) -> list[Outgoing]:
+    def score(
+        self,
+        plan: pb.TilePlan,
+        shards: list[pb.ShardEmbedding],
+        *,
+        version: str = "",
+        origin: str = "stream",
+    ) -> list[Outgoing]:
+        """Score one slide with ``version`` (default: the version pinned on the slide at ingest).
+
+        A slide whose embeddings or pipeline profile the model was not trained on is refused with a
+        ``SlideFailed`` that says what differs; nothing is scored on features the model never saw.
+        """
         slide_id, run_id = plan.meta.slide_id, plan.tiling_run_id
-        model = self.model
+        model, expected = self.model_for(version or plan.profile.mil_model_version)
         backbones = {s.backbone_id for s in shards if s.tile_count}
-        if backbones and backbones != {model.backbone_id}:
+        problem = profile_mismatch(expected, plan.profile, backbones)
+        if problem:
+            code = (
+                "backbone-mismatch"
+                if backbones and expected.get("backbone_id") not in backbones
+                else "profile-mismatch"
+            )
             return [
                 self._failed(
                     plan,
-                    "backbone-mismatch",
-                    f"embedded with {sorted(backbones)}, but MIL model {model.model_version} was trained on "
-                    f"{model.backbone_id}; re-embed with that backbone or score with a model trained on this one",
+                    code,
+                    f"MIL model {model.model_version} cannot score this slide: {problem}. Re-embed the slide "
+                    "with the model's profile (`wsi redrive`/re-upload under that profile), or score it with a "
+                    "model trained on this one (`wsi rescore --model VERSION`)",
                 )
             ]
-        features, coords = self._load(shards)
+        features, coords, shard_index = self._load(shards)
         if len(features) == 0:
             return [
                 self._failed(
@@ -149,6 +158,7 @@ class MilScorer:
             f"attention/{slide_id}/{run_id}/{model.model_version}.npz",
             buffer.getvalue(),
         )
+        heatmap, mosaic = self._explain(plan, model.model_version, coords, attention, top, shard_index)
         label = "tumour" if probability >= model.threshold else "normal"
         prediction = pb.Prediction(
             meta=new_meta(
@@ -182,14 +192,21 @@ class MilScorer:
                 sha256=attention_ref.sha256,
             ),
             backbone_id=model.backbone_id,
+            origin=origin,
         )
+        if heatmap is not None:
+            prediction.heatmap.CopyFrom(heatmap)
+        if mosaic is not None:
+            prediction.top_tiles_image.CopyFrom(mosaic)
         log.info(
             "slide scored", slide_id=slide_id, label=label, probability=round(probability, 4), tiles=len(keep)
         )
         return [Outgoing(PREDICTIONS, slide_id, prediction)]
 
-    def _load(self, shards: list[pb.ShardEmbedding]) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, shards: list[pb.ShardEmbedding]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """All tile features and coords of the slide, and each shard's coords (to find tile pixels)."""
         features, coords = [], []
+        index: dict[str, np.ndarray] = {}
         for shard in shards:
             if not shard.tile_count:
                 continue
@@ -197,9 +214,68 @@ class MilScorer:
             with np.load(io.BytesIO(data)) as arrays:
                 features.append(arrays["features"].astype(np.float32))
                 coords.append(arrays["coords"])
+                index[shard.shard_id] = np.asarray(arrays["coords"], dtype=np.int64).reshape(-1, 2)
         if not features:
-            return np.zeros((0, 0), np.float32), np.zeros((0, 2), np.int64)
-        return np.concatenate(features), np.concatenate(coords)
+            return np.zeros((0, 0), np.float32), np.zeros((0, 2), np.int64), index
+        return np.concatenate(features), np.concatenate(coords), index
+
+    def _explain(
+        self,
+        plan: pb.TilePlan,
+        version: str,
+        coords: np.ndarray,
+        attention: np.ndarray,
+        top: np.ndarray,
+        shard_index: dict[str, np.ndarray],
+    ) -> tuple[pb.ObjectRef | None, pb.ObjectRef | None]:
+        """The attention heatmap over the slide thumbnail and a mosaic of the top tiles, as artifacts.
+
+        Explanations are a view of the prediction, not part of it: when their inputs are gone (tile shards
+        expired by the lifecycle policy before a ``rescore``) the prediction goes out without them and the
+        log says why. Object-store outages still propagate and are retried like any other.
+        """
+        from wsitk.shared.models.explain import (
+            ShardSource,
+            attention_heatmap,
+            load_top_tiles,
+            top_tiles_mosaic,
+        )
+
+        slide_id, run_id = plan.meta.slide_id, plan.tiling_run_id
+        bucket = self.ctx.settings.artifacts_bucket
+        prefix = f"explanations/{slide_id}/{run_id}/{version}"
+        refs: list[pb.ObjectRef | None] = [None, None]
+        try:
+            thumbnail = None
+            if plan.HasField("thumbnail") and plan.thumbnail.key:
+                from PIL import Image
+
+                raw = self.ctx.store.get_bytes(plan.thumbnail.bucket, plan.thumbnail.key)
+                with Image.open(io.BytesIO(raw)) as image:
+                    thumbnail = np.asarray(image.convert("RGB"))
+            png = attention_heatmap(
+                coords,
+                attention,
+                plan.tile_size_level0,
+                plan.slide_width,
+                plan.slide_height,
+                thumbnail=thumbnail,
+            )
+            refs[0] = _ref(self.ctx.store.put_if_absent(bucket, f"{prefix}/heatmap.png", png, "image/png"))
+            sources = [
+                ShardSource(bucket, f"tiles/{slide_id}/{run_id}/{sid}.shard", shard_coords)
+                for sid, shard_coords in shard_index.items()
+            ]
+            tiles = load_top_tiles(self.ctx.store, sources, coords[top])
+            mosaic = top_tiles_mosaic(tiles, attention[top])
+            refs[1] = _ref(
+                self.ctx.store.put_if_absent(bucket, f"{prefix}/top-tiles.png", mosaic, "image/png")
+            )
+        except Exception as exc:  # missing shards or thumbnail (S3 NoSuchKey), an undecodable tile
+            if is_transient(exc):
+                raise
+            log.warning("explanations skipped", slide_id=slide_id, error=f"{type(exc).__name__}: {exc}")
+        return refs[0], refs[1]
 
     def _failed(self, plan: pb.TilePlan, code: str, reason: str) -> Outgoing:
         event = pb.SlideFailed(
@@ -212,3 +288,7 @@ class MilScorer:
             tiling_run_id=plan.tiling_run_id,
         )
         return Outgoing(SLIDES_FAILED, plan.meta.slide_id, event)
+
+
+def _ref(stored: Any) -> pb.ObjectRef:
+    return pb.ObjectRef(bucket=stored.bucket, key=stored.key, size=stored.size, sha256=stored.sha256)

@@ -18,6 +18,7 @@ worker on the local broker waited over 100 s for partitions; with these it resum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from wsitk.shared.errors import PermanentError, is_transient
 from wsitk.shared.logging import configure_logging, get_logger
 from wsitk.shared.metrics import (
     BUILD_INFO,
+    CONSUMER_LAG,
     DEAD_LETTERS,
     ERRORS,
     EVENTS_IN,
@@ -219,6 +221,17 @@ def build_app(settings: Settings) -> faust.App:
             finally:
                 structlog.contextvars.unbind_contextvars("slide_id", "event_id")
                 IN_FLIGHT.labels(SERVICE).set(0)
+
+    @app.timer(interval=10.0)
+    async def report_lag() -> None:
+        """Consumer lag per input partition, as the other services export it (wsi_consumer_lag_messages)."""
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            with contextlib.suppress(Exception):  # a partition being revoked right now: next round
+                high = consumer.highwater(tp)
+                position = await consumer.position(tp)
+                if high is not None and position is not None:
+                    CONSUMER_LAG.labels(SERVICE, tp.topic, str(tp.partition)).set(max(high - position, 0))
 
     @app.task
     async def serve_health() -> None:

@@ -145,8 +145,9 @@ def _progress(stage: str) -> Callable[[psycopg.Cursor, Any], None]:
 def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
     cur.execute(
         "INSERT INTO predictions (prediction_id, slide_id, tiling_run_id, model_version, backbone_id, label, "
-        "probability, threshold, scores, tiles_scored, tiles_total, top_tiles, attention_ref, event_id, produced_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        "probability, threshold, scores, tiles_scored, tiles_total, top_tiles, attention_ref, event_id, produced_at, "
+        "origin, heatmap_ref, top_tiles_ref) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
         (
             e.prediction_id,
             e.meta.slide_id,
@@ -163,6 +164,9 @@ def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
             Jsonb(to_json_dict(e.attention)),
             e.meta.event_id,
             e.meta.produced_at.ToDatetime(),
+            e.origin or "stream",
+            Jsonb(to_json_dict(e.heatmap)) if e.HasField("heatmap") else None,
+            Jsonb(to_json_dict(e.top_tiles_image)) if e.HasField("top_tiles_image") else None,
         ),
     )
     cur.execute(

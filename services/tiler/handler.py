@@ -92,6 +92,10 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
             level_downsamples=list(slide.level_downsamples),
         )
         np.save(out / "mask.npy", tissue.mask)
+        if tissue.thumbnail is not None:  # shown under attention heatmaps; de-identified (no label image)
+            from PIL import Image
+
+            Image.fromarray(tissue.thumbnail).save(out / "thumbnail.jpg", quality=85)
         (out / "tissue.geojson").write_text(json.dumps(tissue.polygons))
         coords = np.asarray(grid.coords).reshape(-1, 2)
         fast, why_not = open_fast_reader(
@@ -235,6 +239,11 @@ class TilerHandler:
             polygons_ref = store.put_file_if_absent(
                 bucket, f"{prefix}/tissue.geojson", work / "tissue.geojson"
             )
+            thumbnail_ref = None
+            if (work / "thumbnail.jpg").is_file():
+                thumbnail_ref = store.put_file_if_absent(
+                    bucket, f"{prefix}/thumbnail.jpg", work / "thumbnail.jpg"
+                )
         finally:
             shutil.rmtree(work, ignore_errors=True)
         manifest = {
@@ -243,6 +252,7 @@ class TilerHandler:
             "shard_refs": {sid: _ref_dict(ref) for sid, ref in refs.items()},
             "tissue_mask": _ref_dict(mask_ref),
             "tissue_polygons": _ref_dict(polygons_ref),
+            **({"thumbnail": _ref_dict(thumbnail_ref)} if thumbnail_ref is not None else {}),
         }
         store.put_if_absent(
             bucket, f"{prefix}/manifest.json", json.dumps(manifest).encode(), "application/json"
@@ -284,6 +294,8 @@ class TilerHandler:
             slide_height=manifest["height"],
             tile_size_level0=round(manifest["tile_size_level0"]),
         )
+        if "thumbnail" in manifest:
+            plan.thumbnail.CopyFrom(pb.ObjectRef(**manifest["thumbnail"]))
         outputs = [Outgoing(TILE_PLANS, slide_id, plan)]
         if not shard_ids:
             failed = pb.SlideFailed(

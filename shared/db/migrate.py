@@ -2,7 +2,7 @@
 
 ``wsi db migrate`` connects with the admin (owner) URL, applies what is missing inside one
 transaction per file, and grants the services' role row access only (SELECT, INSERT, UPDATE,
-DELETE): it can never create, alter or drop anything.
+DELETE, and drawing ids from sequences): it can never create, alter or drop anything.
 """
 
 from __future__ import annotations
@@ -59,5 +59,7 @@ def _grant_app_role(conn: psycopg.Connection, app_user: str, app_password: str |
     conn.execute(
         sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA wsi TO {}").format(role)
     )
+    # bigserial ids (model_events) need the sequences: USAGE to draw from them, nothing more
+    conn.execute(sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA wsi TO {}").format(role))
     conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA wsi FROM {}").format(role))
     conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(role))

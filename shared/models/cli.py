@@ -1,15 +1,23 @@
-"""The ``wsi model export-backbone`` and ``wsi export h5`` subcommands.
+"""The ``wsi model export-backbone`` and ``wsi export {h5,geojson,heatmap,mosaic}`` subcommands.
 
-Argument definitions import nothing heavy (``wsi --help`` stays instant); torch, ``onnx`` and ``h5py`` are
-imported only when the command runs.
+Argument definitions import nothing heavy (``wsi --help`` stays instant); torch, ``onnx``, ``h5py``,
+numpy and pillow are imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+    from wsitk.shared.models.explain import SlideAttention
+    from wsitk.shared.objectstore import ObjectStore
 
 
 def add_export_backbone_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,30 +67,209 @@ def cli_export_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FORMATS = {
+    "h5": "the CLAM / TRIDENT features file (SLIDE_ID.h5)",
+    "geojson": "attention per tile as QuPath objects (SLIDE_ID.geojson)",
+    "heatmap": "attention heatmap image (SLIDE_ID.heatmap.png)",
+    "mosaic": "the highest-attention tiles in a grid (SLIDE_ID.top-tiles.png)",
+}
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("format", choices=["h5"], help="h5: the CLAM / TRIDENT features file, one per slide")
+    parser.add_argument(
+        "format",
+        choices=list(EXPORT_FORMATS),
+        help="; ".join(f"{name}: {what}" for name, what in EXPORT_FORMATS.items()),
+    )
     parser.add_argument("slides", nargs="+", help="slide ids")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the SLIDE_ID.h5 files")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the files, one per slide")
     parser.add_argument("--tiling-run", default="", help="when a slide was tiled more than once")
-    parser.add_argument("--backbone", default="", help="when a slide was embedded with several backbones")
+    parser.add_argument(
+        "--backbone",
+        default="",
+        help="h5: when a slide was embedded with several backbones; mosaic: whose embeddings index the shards",
+    )
+    parser.add_argument(
+        "--model", default="", help="geojson/heatmap/mosaic: MIL model version, when several scored the slide"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=8, help="geojson: tiles classed 'Top attention'; mosaic: tiles shown"
+    )
+    parser.add_argument(
+        "--thumbnail",
+        type=Path,
+        default=None,
+        help="heatmap: an image of the whole slide to blend under the heat (one slide), or a directory "
+        "holding SLIDE_ID.png/.jpg; without it untiled area is transparent",
+    )
+    parser.add_argument("--max-side", type=int, default=1024, help="heatmap: longest side in pixels")
+    parser.add_argument("--columns", type=int, default=4, help="mosaic: tiles per row")
+    parser.add_argument("--tile-px", type=int, default=224, help="mosaic: cell size in pixels")
 
 
 def cli_export(args: argparse.Namespace) -> int:
-    """Write SLIDE_ID.h5 for each slide from its embeddings in the artifacts bucket."""
+    """Write one file per slide from the artifacts bucket; a slide that cannot be exported is reported
+    (what is missing, which option picks among several) and the others still are."""
     from wsitk.shared.config import load_settings
-    from wsitk.shared.models.features_export import export_slide_h5
+    from wsitk.shared.errors import PermanentError
     from wsitk.shared.objectstore import open_store
 
+    if args.backbone and args.format not in {"h5", "mosaic"}:
+        print(f"wsi export {args.format}: --backbone applies to h5 and mosaic only", file=sys.stderr)
+        return 2
+    if args.model and args.format == "h5":
+        print("wsi export h5: --model applies to geojson, heatmap and mosaic only", file=sys.stderr)
+        return 2
+    if args.thumbnail is not None and args.format != "heatmap":
+        print(f"wsi export {args.format}: --thumbnail applies to heatmap only", file=sys.stderr)
+        return 2
+    if args.thumbnail is not None and args.thumbnail.is_file() and len(args.slides) > 1:
+        print(
+            "wsi export heatmap: one --thumbnail image fits one slide; pass a directory of SLIDE_ID.png/.jpg",
+            file=sys.stderr,
+        )
+        return 2
     settings = load_settings()
     store = open_store(settings)
+    exporter = {
+        "h5": _export_h5,
+        "geojson": _export_geojson,
+        "heatmap": _export_heatmap,
+        "mosaic": _export_mosaic,
+    }
+    failed = 0
     for slide_id in args.slides:
-        result = export_slide_h5(
-            store,
-            settings.artifacts_bucket,
-            slide_id,
-            args.out / f"{slide_id}.h5",
-            tiling_run_id=args.tiling_run,
-            backbone_id=args.backbone,
-        )
-        print(json.dumps({**asdict(result), "path": str(result.path)}))
-    return 0
+        try:
+            summary = exporter[args.format](store, settings.artifacts_bucket, slide_id, args)
+        except (LookupError, ValueError, PermanentError) as exc:
+            print(f"wsi export {args.format}: slide {slide_id}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
+def _export_h5(store: ObjectStore, bucket: str, slide_id: str, args: argparse.Namespace) -> dict[str, Any]:
+    from wsitk.shared.models.features_export import export_slide_h5
+
+    result = export_slide_h5(
+        store,
+        bucket,
+        slide_id,
+        args.out / f"{slide_id}.h5",
+        tiling_run_id=args.tiling_run,
+        backbone_id=args.backbone,
+    )
+    return {**asdict(result), "path": str(result.path)}
+
+
+def _export_geojson(
+    store: ObjectStore, bucket: str, slide_id: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    from wsitk.shared.models.explain import attention_geojson, load_attention
+
+    attention = load_attention(
+        store, bucket, slide_id, tiling_run_id=args.tiling_run, model_version=args.model
+    )
+    collection = attention_geojson(
+        attention.coords,
+        attention.attention,
+        attention.tile_size_level0,
+        slide_id=slide_id,
+        model_version=attention.model_version,
+        tiling_run_id=attention.tiling_run_id,
+        top_k_highlight=args.top_k,
+    )
+    path = args.out / f"{slide_id}.geojson"
+    _write_atomically(path, json.dumps(collection, separators=(",", ":"), allow_nan=False).encode())
+    return _summary(path, attention, tiles=len(attention.coords))
+
+
+def _export_heatmap(
+    store: ObjectStore, bucket: str, slide_id: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    from wsitk.shared.models.explain import attention_heatmap, load_attention, slide_dimensions
+
+    attention = load_attention(
+        store, bucket, slide_id, tiling_run_id=args.tiling_run, model_version=args.model
+    )
+    width, height = slide_dimensions(store, bucket, attention)
+    png = attention_heatmap(
+        attention.coords,
+        attention.attention,
+        attention.tile_size_level0,
+        width,
+        height,
+        thumbnail=_thumbnail_for(args.thumbnail, slide_id),
+        max_side=args.max_side,
+    )
+    path = args.out / f"{slide_id}.heatmap.png"
+    _write_atomically(path, png)
+    return _summary(path, attention, slide_width=width, slide_height=height)
+
+
+def _export_mosaic(
+    store: ObjectStore, bucket: str, slide_id: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    from wsitk.shared.models.explain import (
+        load_attention,
+        load_top_tiles,
+        slide_shard_sources,
+        top_indices,
+        top_tiles_mosaic,
+    )
+
+    attention = load_attention(
+        store, bucket, slide_id, tiling_run_id=args.tiling_run, model_version=args.model
+    )
+    top = top_indices(attention.attention, args.top_k)
+    if not len(top):
+        raise LookupError("the attention map holds no tiles (nothing passed quality control?)")
+    sources = slide_shard_sources(store, bucket, slide_id, attention.tiling_run_id, backbone_id=args.backbone)
+    tiles = load_top_tiles(store, sources, attention.coords[top])
+    png = top_tiles_mosaic(
+        tiles, attention.attention[top].tolist(), columns=args.columns, tile_px=args.tile_px
+    )
+    path = args.out / f"{slide_id}.top-tiles.png"
+    _write_atomically(path, png)
+    return _summary(path, attention, tiles=len(tiles))
+
+
+def _summary(path: Path, attention: SlideAttention, **extra: Any) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "slide_id": attention.slide_id,
+        "tiling_run_id": attention.tiling_run_id,
+        "model_version": attention.model_version,
+        **extra,
+    }
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _thumbnail_for(thumbnail: Path | None, slide_id: str) -> NDArray[np.uint8] | None:
+    """The thumbnail pixels for one slide: the file itself, or SLIDE_ID.<image suffix> in a directory."""
+    import numpy as np
+    from PIL import Image
+
+    if thumbnail is None:
+        return None
+    path = thumbnail
+    if thumbnail.is_dir():
+        candidates = [thumbnail / f"{slide_id}{suffix}" for suffix in _IMAGE_SUFFIXES]
+        path = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
+        if not path.is_file():
+            raise LookupError(f"no thumbnail {slide_id}{{{','.join(_IMAGE_SUFFIXES)}}} in {thumbnail}")
+    elif not thumbnail.is_file():
+        raise LookupError(f"thumbnail {thumbnail} does not exist")
+    with Image.open(path) as image:
+        pixels: NDArray[np.uint8] = np.asarray(image.convert("RGB"))
+    return pixels

@@ -31,7 +31,6 @@ import onnx
 import torch
 from torch import nn
 from wsitk.shared.models.backbones import BACKBONES, load_state_dict_file
-from wsitk.shared.models.mil import GatedAttentionMIL
 from wsitk.shared.models.runtime import create_session, preprocess_tiles, sha256_file
 
 OPSET = 17
@@ -358,13 +357,16 @@ class _MilInterface(nn.Module):
 
 
 def _mil_architecture(model: nn.Module) -> dict[str, Any]:
-    if isinstance(model, GatedAttentionMIL):
-        return {
-            "name": "gated-attention-mil",
-            "in_dim": model.in_dim,
-            "hidden": model.hidden,
-            "attn_dim": model.attn_dim,
-        }
+    """The model's own description (``MilAggregator.architecture()``, ``MilEnsemble.architecture()``).
+
+    It names the aggregator and its hyper-parameters, so ``aggregators.build_aggregator(**description)``
+    rebuilds the shape; a module without ``architecture()`` is described by its class name only.
+    """
+    describe = getattr(model, "architecture", None)
+    if callable(describe):
+        description = describe()
+        if isinstance(description, Mapping) and "name" in description:
+            return dict(description)
     return {"name": type(model).__name__}
 
 

@@ -28,7 +28,7 @@ annotations (``mask_to_geojson``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +55,7 @@ class TissueMask:
     polygons: dict[str, Any]  # GeoJSON FeatureCollection, level-0 pixel coordinates
     saturation_threshold: float  # the clipped Otsu threshold used (0.0 when nothing could be tissue)
     ink_fraction: float  # share of thumbnail pixels classed as pen ink
+    thumbnail: ImageArray | None = field(default=None, repr=False, compare=False)  # RGB, the mask's grid
 
     @property
     def mask_mpp(self) -> tuple[float, float]:
@@ -312,6 +313,7 @@ def segment_tissue(
         polygons=mask_to_geojson(mask, (downsample_x, downsample_y), pixel_area_mm2=pixel_area_mm2),
         saturation_threshold=threshold,
         ink_fraction=ink_fraction,
+        thumbnail=thumbnail,
     )
 
 

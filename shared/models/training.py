@@ -1,0 +1,572 @@
+"""``wsi train``: slide-level MIL models from a labels file and the embeddings the pipeline stored.
+
+The protocol, in the order it runs:
+
+1. Read the labels file (``labels.py``), resolve every row to a pipeline slide id, split patients into a
+   held-out **test** set and ``k`` stratified folds (optionally site-preserving). The split is written to
+   ``splits.csv`` before anything trains, and the test slides' embeddings are not even loaded here.
+2. For each aggregator (``gated-attention`` by default; ``clam-sb``, ``dsmil`` by name) and each fold:
+   train on the other folds with class-weighted loss, bag sub-sampling, a fixed seed, early stopping on the
+   fold's validation loss, a checkpoint after every epoch (an interrupted run resumes where it stopped),
+   and choose that fold model's threshold on its validation fold.
+3. The fold models form an ensemble (mean of probabilities, mean attention), exported to ONNX and checked
+   against torch. Its threshold is chosen on the out-of-fold validation predictions: every development
+   slide scored by the one fold model that did not train on it.
+4. The baseline (mean-pooled embeddings + L2 logistic regression) goes through the same folds.
+
+``wsi evaluate RUN`` then scores the held-out test set once (``evaluate_run.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from wsitk.shared.models.labels import (
+    LabelRow,
+    LabelsError,
+    SplitPlan,
+    make_splits,
+    read_labels,
+    resolve_slide_ids,
+    split_summary,
+)
+
+if TYPE_CHECKING:
+    from wsitk.shared.models.bags import Bag
+
+RUN_FORMAT = 1
+ARCHITECTURES = ("gated-attention", "clam-sb", "dsmil")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    architectures: tuple[str, ...] = ("gated-attention",)
+    folds: int = 5
+    test_fraction: float = 0.25
+    site_preserving: bool = False
+    seed: int = 0
+    epochs: int = 40
+    patience: int = 8
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-4
+    max_tiles_per_bag: int = 512
+    class_weighting: bool = True
+    baseline_l2: float = 1.0
+    backbone_id: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.architectures if a not in ARCHITECTURES]
+        if unknown or not self.architectures:
+            raise LabelsError(f"unknown architecture(s) {unknown}; choose from {list(ARCHITECTURES)}")
+        if self.epochs < 1 or self.patience < 1 or self.max_tiles_per_bag < 1:
+            raise LabelsError("epochs, patience and max tiles per bag must be positive")
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def splits_csv(self) -> Path:
+        return self.root / "splits.csv"
+
+    @property
+    def bags(self) -> Path:
+        return self.root / "bags"
+
+    def fold_dir(self, architecture: str, fold: int) -> Path:
+        return self.root / "models" / architecture / f"fold-{fold}"
+
+    def ensemble_onnx(self, architecture: str) -> Path:
+        return self.root / "models" / architecture / "ensemble.onnx"
+
+    def baseline_json(self) -> Path:
+        return self.root / "models" / "baseline" / "folds.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    train_slides: int
+    val_slides: int
+    val_auc: float | None
+    threshold: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+
+
+@dataclass
+class ArchitectureResult:
+    architecture: str
+    hyper: dict[str, Any]
+    folds: list[FoldResult] = field(default_factory=list)
+    oof_auc: float | None = None
+    ensemble_threshold: float = 0.5
+    model_version: str = ""
+    onnx: str = ""
+    export_check: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress:
+    """Training progress on the terminal: one rewritten line per epoch on a TTY, else a line every few
+    epochs and one per fold (so logs of unattended runs stay readable)."""
+
+    def __init__(self, stream: Any = None, every: int = 10) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def epoch(self, prefix: str, record: Any, total: int) -> None:
+        line = (
+            f"{prefix} epoch {record.epoch:3d}/{total} train loss {record.train_loss:.4f}"
+            + (f"  val loss {record.val_loss:.4f}" if record.val_loss is not None else "")
+            + (f"  val AUC {record.val_auc:.3f}" if record.val_auc is not None else "")
+            + f"  [{time.monotonic() - self.started:6.0f} s]"
+        )
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+        elif record.epoch % self.every == 0:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _run_tag(root: Path) -> str:
+    tag = re.sub(r"[^a-z0-9]+", "-", root.resolve().name.lower()).strip("-")
+    return tag[:24] or "run"
+
+
+def write_splits_csv(path: Path, rows: Sequence[LabelRow], plan: SplitPlan) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide", "slide_id", "patient", "label", "site", "split"])
+        for row in sorted(rows, key=lambda r: (plan.split_of(r), r.patient, r.slide)):
+            writer.writerow([row.slide, row.slide_id, row.patient, row.label, row.site, plan.split_of(row)])
+
+
+def read_run(root: Path) -> dict[str, Any]:
+    path = RunPaths(Path(root)).run_json
+    if not path.is_file():
+        raise LabelsError(f"{root} holds no training run (no run.json); train one with `wsi train`")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def run_rows(run: Mapping[str, Any]) -> tuple[list[LabelRow], SplitPlan]:
+    rows = [LabelRow(**r) for r in run["rows"]]
+    return rows, SplitPlan.from_dict(run["split"])
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    partial.replace(path)
+
+
+def _check_profiles(bags: Mapping[str, Bag]) -> dict[str, Any]:
+    """Every training slide must come from one backbone and one tiling profile (MPP, tile size, stain)."""
+    keys = ("target_mpp", "tile_size", "stain_method")
+    seen = {tuple(b.profile.get(k) for k in keys) for b in bags.values()}
+    if len(seen) > 1:
+        raise LabelsError(
+            f"the labelled slides were tiled with different profiles {sorted(seen)} (target_mpp, tile_size, "
+            "stain_method); a model is trained on one profile: re-process them under one profile"
+        )
+    first = next(iter(bags.values()))
+    return {"backbone_id": first.backbone_id, **{k: first.profile.get(k) for k in keys}}
+
+
+def train_run(
+    labels_path: Path,
+    out: Path,
+    config: TrainConfig,
+    *,
+    sources: Sequence[tuple[str, str]],
+    bag_loader: Callable[[Sequence[str]], Mapping[str, Bag]],
+    progress: Progress | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run the whole training protocol into ``out``; returns the run record (also ``out/run.json``).
+
+    ``sources`` are the pipeline's ``(slide_id, upload_key)`` pairs; ``bag_loader`` fetches bags for slide
+    ids (``load_bags`` against the pipeline's stores, or anything else in tests). It is only ever asked for
+    development (non-test) slides.
+    """
+    from wsitk.shared.models.evaluation import fit_logistic_baseline
+    from wsitk.shared.models.mil import binary_auc, choose_threshold
+
+    progress = progress or Progress()
+    paths = RunPaths(Path(out))
+    rows = resolve_slide_ids(read_labels(labels_path), sources)
+    plan = make_splits(
+        rows,
+        folds=config.folds,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        site_preserving=config.site_preserving,
+    )
+    identity = {
+        "format": RUN_FORMAT,
+        "labels_sha256": _sha256_file(labels_path),
+        "config": asdict(config),
+    }
+    if paths.run_json.is_file():
+        previous = json.loads(paths.run_json.read_text())
+        if {k: previous.get(k) for k in identity} != json.loads(json.dumps(identity)):
+            raise LabelsError(
+                f"{paths.root} holds a training run with another labels file or configuration; "
+                "train into a new directory (or delete it)"
+            )
+        progress.say(f"[train] resuming the run in {paths.root}")
+    write_splits_csv(paths.splits_csv, rows, plan)
+    summary = split_summary(rows, plan)
+    for split, counts in summary.items():
+        progress.say(
+            f"[train] {split:7s} {counts['patients']:3d} patients {counts['slides']:3d} slides "
+            f"({counts['tumour_slides']} tumour)"
+        )
+    development = plan.development_rows(rows)
+    bags = bag_loader([r.slide_id for r in development])
+    expected_profile = _check_profiles(bags)
+    in_dim = int(next(iter(bags.values())).features.shape[1])
+    record: dict[str, Any] = {
+        **identity,
+        "command": command,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "labels_file": Path(labels_path).name,
+        "rows": [asdict(r) for r in rows],
+        "split": plan.to_dict(),
+        "split_summary": summary,
+        "profile": expected_profile,
+        "in_dim": in_dim,
+        "cohort": {
+            "slides": len(rows),
+            "patients": len({r.patient for r in rows}),
+            "sites": sorted({r.site for r in rows if r.site}),
+            "tumour_slides": sum(r.label for r in rows),
+            "tiles_per_slide": _tile_stats([bags[r.slide_id] for r in development]),
+        },
+        "models": {},
+    }
+    _write_json(paths.run_json, record)
+
+    folds = [plan.fold_rows(rows, k) for k in range(config.folds)]
+    for architecture in config.architectures:
+        result = _train_architecture(architecture, folds, bags, config, paths, progress, in_dim)
+        _export_ensemble(architecture, result, config, paths, expected_profile, in_dim, record, progress)
+        record["models"][architecture] = asdict(result)
+        _write_json(paths.run_json, record)
+
+    progress.say("[train] baseline: mean-pooled embeddings + L2 logistic regression, same folds")
+    baseline_folds = []
+    oof: dict[str, float] = {}
+    for k, val_rows in enumerate(folds):
+        train_rows = [r for j, f in enumerate(folds) if j != k for r in f]
+        model = fit_logistic_baseline(
+            [bags[r.slide_id].float32() for r in train_rows],
+            [r.label for r in train_rows],
+            l2=config.baseline_l2,
+            class_weighting=config.class_weighting,
+        )
+        val_probs = model.predict([bags[r.slide_id].float32() for r in val_rows])
+        val_labels = [r.label for r in val_rows]
+        for row, p in zip(val_rows, val_probs, strict=True):
+            oof[row.slide_id] = float(p)
+        baseline_folds.append(
+            {
+                "fold": k,
+                "model": model.to_dict(),
+                "threshold": choose_threshold(val_labels, val_probs),
+                "val_auc": _auc_or_none(binary_auc, val_labels, val_probs),
+                "val_slides": len(val_rows),
+            }
+        )
+    dev_labels = [r.label for r in development]
+    dev_oof = [oof[r.slide_id] for r in development]
+    baseline = {
+        "folds": baseline_folds,
+        "oof_auc": _auc_or_none(binary_auc, dev_labels, dev_oof),
+        "ensemble_threshold": choose_threshold(dev_labels, dev_oof),
+        "l2": config.baseline_l2,
+    }
+    _write_json(paths.baseline_json(), baseline)
+    record["baseline"] = {k: v for k, v in baseline.items() if k != "folds"} | {
+        "folds": [{k: v for k, v in f.items() if k != "model"} for f in baseline_folds]
+    }
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_json(paths.run_json, record)
+    progress.say(
+        f"[train] done: {paths.run_json}; evaluate on the held-out test set with `wsi evaluate {paths.root}`"
+    )
+    return record
+
+
+def _tile_stats(bags: Sequence[Bag]) -> dict[str, float]:
+    counts = np.array([len(b.features) for b in bags], dtype=np.float64)
+    return {"min": float(counts.min()), "median": float(np.median(counts)), "max": float(counts.max())}
+
+
+def _auc_or_none(auc: Callable[..., float], labels: Sequence[int], probs: Any) -> float | None:
+    return float(auc(labels, probs)) if 0 < sum(labels) < len(labels) else None
+
+
+def _train_architecture(
+    architecture: str,
+    folds: Sequence[Sequence[LabelRow]],
+    bags: Mapping[str, Bag],
+    config: TrainConfig,
+    paths: RunPaths,
+    progress: Progress,
+    in_dim: int,
+) -> ArchitectureResult:
+    import torch
+    from wsitk.shared.models.aggregators import build_aggregator
+    from wsitk.shared.models.mil import binary_auc, choose_threshold, predict_bags, train_mil
+
+    result = ArchitectureResult(architecture, hyper={})
+    oof: dict[str, float] = {}
+    for k, val_rows in enumerate(folds):
+        fold_dir = paths.fold_dir(architecture, k)
+        train_rows = [r for j, f in enumerate(folds) if j != k for r in f]
+        train_bags = [bags[r.slide_id].float32() for r in train_rows]
+        val_bags = [bags[r.slide_id].float32() for r in val_rows]
+        val_labels = [r.label for r in val_rows]
+        prefix = f"[train] {architecture} fold {k + 1}/{len(folds)}"
+        done = fold_dir / "fold.json"
+        started = time.monotonic()
+        if done.is_file() and (fold_dir / "model.pt").is_file():
+            fold_info = json.loads(done.read_text())
+            model = build_aggregator(architecture, in_dim, **fold_info["hyper"])
+            model.load_state_dict(torch.load(fold_dir / "model.pt", weights_only=True))
+            model.eval()
+            progress.say(f"{prefix}: already trained (resumed run)")
+        else:
+            progress.say(f"{prefix}: {len(train_rows)} training slides, {len(val_rows)} validation slides")
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            trained = train_mil(
+                train_bags,
+                [r.label for r in train_rows],
+                epochs=config.epochs,
+                lr=config.learning_rate,
+                seed=config.seed * 1000 + k,
+                val_bags=val_bags,
+                val_labels=val_labels,
+                max_tiles_per_bag=config.max_tiles_per_bag,
+                weight_decay=config.weight_decay,
+                patience=config.patience,
+                architecture=architecture,
+                class_weighting=config.class_weighting,
+                on_epoch=lambda record, p=prefix: progress.epoch(p, record, config.epochs),
+                checkpoint_path=fold_dir / "checkpoint.pt",
+            )
+            model = trained.model
+            torch.save(model.state_dict(), fold_dir / "model.pt")
+            fold_info = {
+                "hyper": {k2: v for k2, v in model.architecture().items() if k2 not in ("name", "in_dim")},
+                "best_epoch": trained.best_epoch,
+                "epochs_run": len(trained.history),
+                "stopped_early": trained.stopped_early,
+                "history": [asdict(h) for h in trained.history],
+                "seconds": round(time.monotonic() - started, 1),
+            }
+            _write_json(done, fold_info)
+        val_probs = predict_bags(model, val_bags)
+        threshold = choose_threshold(val_labels, val_probs)
+        val_auc = _auc_or_none(binary_auc, val_labels, val_probs)
+        for row, p in zip(val_rows, val_probs, strict=True):
+            oof[row.slide_id] = float(p)
+        result.hyper = fold_info["hyper"]
+        result.folds.append(
+            FoldResult(
+                fold=k,
+                train_slides=len(train_rows),
+                val_slides=len(val_rows),
+                val_auc=val_auc,
+                threshold=threshold,
+                best_epoch=int(fold_info["best_epoch"]),
+                epochs_run=int(fold_info["epochs_run"]),
+                stopped_early=bool(fold_info["stopped_early"]),
+                seconds=float(fold_info["seconds"]),
+            )
+        )
+        progress.say(
+            f"{prefix}: best epoch {fold_info['best_epoch']} of {fold_info['epochs_run']}, validation AUC "
+            + (f"{val_auc:.3f}" if val_auc is not None else "n/a (one class)")
+            + f", threshold {threshold:.3f}"
+        )
+    development = [r for f in folds for r in f]
+    labels = [r.label for r in development]
+    probs = [oof[r.slide_id] for r in development]
+    result.oof_auc = _auc_or_none(binary_auc, labels, probs)
+    result.ensemble_threshold = choose_threshold(labels, probs)
+    return result
+
+
+def load_fold_models(paths: RunPaths, architecture: str, folds: int, in_dim: int) -> list[Any]:
+    import torch
+    from wsitk.shared.models.aggregators import build_aggregator
+
+    models = []
+    for k in range(folds):
+        fold_dir = paths.fold_dir(architecture, k)
+        info = json.loads((fold_dir / "fold.json").read_text())
+        model = build_aggregator(architecture, in_dim, **info["hyper"])
+        model.load_state_dict(torch.load(fold_dir / "model.pt", weights_only=True))
+        models.append(model.eval())
+    return models
+
+
+def _export_ensemble(
+    architecture: str,
+    result: ArchitectureResult,
+    config: TrainConfig,
+    paths: RunPaths,
+    expected_profile: Mapping[str, Any],
+    in_dim: int,
+    record: Mapping[str, Any],
+    progress: Progress,
+) -> None:
+    from wsitk.shared.models.aggregators import MilEnsemble
+    from wsitk.shared.models.export import export_mil, state_dict_sha256
+
+    ensemble = MilEnsemble(load_fold_models(paths, architecture, config.folds, in_dim)).eval()
+    version = f"{architecture}-{_run_tag(paths.root)}-{state_dict_sha256(ensemble)[:8]}"
+    info = export_mil(
+        ensemble,
+        paths.ensemble_onnx(architecture),
+        in_dim=in_dim,
+        model_version=version,
+        backbone_id=str(expected_profile["backbone_id"]),
+        threshold=result.ensemble_threshold,
+        extra_meta={
+            "profile": dict(expected_profile),
+            "training": {
+                "labels_file": record["labels_file"],
+                "labels_sha256": record["labels_sha256"],
+                "folds": config.folds,
+                "seed": config.seed,
+                "threshold_from": "out-of-fold validation predictions (best balanced accuracy)",
+                "oof_auc": result.oof_auc,
+            },
+        },
+        seed=config.seed,
+    )
+    result.model_version = version
+    result.onnx = str(paths.ensemble_onnx(architecture).relative_to(paths.root))
+    result.export_check = {
+        "max_abs_diff_probability": info.max_abs_diff_probability,
+        "max_rel_diff_attention": info.max_rel_diff_attention,
+        "checked_bag_sizes": list(info.checked_bag_sizes),
+    }
+    progress.say(
+        f"[train] {architecture}: out-of-fold AUC "
+        + (f"{result.oof_auc:.3f}" if result.oof_auc is not None else "n/a")
+        + f", ensemble threshold {result.ensemble_threshold:.3f}; exported {version} "
+        f"(ONNX vs torch: probability within {info.max_abs_diff_probability:.1e})"
+    )
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", type=Path, help="CSV: slide, patient, label [, site, split]")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run directory (resumes if it holds this run)"
+    )
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        default=["gated-attention"],
+        help=f"aggregator(s): {', '.join(ARCHITECTURES)} or 'all' (default gated-attention)",
+    )
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument("--test-fraction", type=float, default=0.25, help="patients held out for testing")
+    parser.add_argument("--site-preserving", action="store_true", help="each site's patients in one fold")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--patience", type=int, default=8, help="early stopping: epochs without improvement")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--max-tiles", type=int, default=512, help="bag sub-sampling cap per training step")
+    parser.add_argument("--no-class-weights", action="store_true", help="do not weight the loss by class")
+    parser.add_argument("--backbone", default="", help="when slides were embedded with several backbones")
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    from wsitk.shared.config import load_settings
+    from wsitk.shared.db.connection import Database
+    from wsitk.shared.models.bags import load_bags
+    from wsitk.shared.objectstore import open_store
+
+    architectures = ARCHITECTURES if args.arch == ["all"] else tuple(args.arch)
+    try:
+        config = TrainConfig(
+            architectures=tuple(architectures),
+            folds=args.folds,
+            test_fraction=args.test_fraction,
+            site_preserving=args.site_preserving,
+            seed=args.seed,
+            epochs=args.epochs,
+            patience=args.patience,
+            learning_rate=args.lr,
+            max_tiles_per_bag=args.max_tiles,
+            class_weighting=not args.no_class_weights,
+            backbone_id=args.backbone,
+        )
+        settings = load_settings()
+        db = Database(settings.dsn())
+        store = open_store(settings)
+        sources = [(str(a), str(b)) for a, b in db.execute("SELECT slide_id, upload_key FROM slide_sources")]
+        progress = Progress()
+        paths = RunPaths(args.out)
+
+        def loader(slide_ids: Sequence[str]) -> Mapping[str, Bag]:
+            return load_bags(
+                db, store, slide_ids, backbone_id=args.backbone, cache_dir=paths.bags, progress=progress.say
+            )
+
+        train_run(
+            args.labels,
+            args.out,
+            config,
+            sources=sources,
+            bag_loader=loader,
+            progress=progress,
+            command="wsi train " + " ".join(sys.argv[2:]),
+        )
+    except LabelsError as error:
+        print(f"wsi train: {error}", file=sys.stderr)
+        return 2
+    return 0
