@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WSI_HOME ?= $(CURDIR)/.wsi
 
-.PHONY: setup system-deps demo test lint typecheck unit e2e models bench clean stop deploy-generate
+.PHONY: setup system-deps demo test lint typecheck unit e2e models bench clean stop deploy-generate experiment
 
 $(STAMP): pyproject.toml setup.py proto/wsi/v1/events.proto
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ models: setup
 
 demo: setup models
 	$(BIN)/wsi demo
+
+# The model path end to end on a labelled synthetic cohort (long form; about 15-25 min on 2 cores).
+experiment: setup models
+	$(BIN)/wsi experiment --promote
 
 lint: setup
 	$(BIN)/ruff check shared services tests

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_model_commands(sub)
 
+    experiment = sub.add_parser(
+        "experiment", help="labelled synthetic cohort -> pipeline -> wsi train -> wsi evaluate, in one go"
+    )
+    _add_lazy_arguments(experiment, "wsitk.shared.experiment", "add_experiment_arguments")
+    experiment.set_defaults(handler=_lazy("wsitk.shared.experiment", "cli_experiment"))
+
     demo = sub.add_parser("demo", help="stack + services + synthetic slides in, predictions out")
     demo.add_argument("--slides", type=int, default=6)
     demo.add_argument("--size", default="6000x5000", help="slide size WxH in level-0 pixels")
@@ -158,7 +164,7 @@ def cli_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in ("run", "demo", "services", "stack"):
+    if args.command not in ("run", "demo", "experiment", "services", "stack"):
         # Tool commands print results on stdout; their library logs go to stderr, warnings and up only.
         from wsitk.shared.logging import configure_logging
 

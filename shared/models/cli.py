@@ -207,7 +207,9 @@ def _export_heatmap(
         attention.tile_size_level0,
         width,
         height,
-        thumbnail=_thumbnail_for(args.thumbnail, slide_id),
+        thumbnail=_thumbnail_for(args.thumbnail, slide_id)
+        if args.thumbnail is not None
+        else _stored_thumbnail(store, bucket, slide_id, attention.tiling_run_id),
         max_side=args.max_side,
     )
     path = args.out / f"{slide_id}.heatmap.png"
@@ -250,6 +252,22 @@ def _summary(path: Path, attention: SlideAttention, **extra: Any) -> dict[str, A
         "model_version": attention.model_version,
         **extra,
     }
+
+
+def _stored_thumbnail(
+    store: ObjectStore, bucket: str, slide_id: str, run_id: str
+) -> NDArray[np.uint8] | None:
+    """The thumbnail the tiler stored for this tiling run, if it did (runs tiled before it did have none)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    key = f"tiles/{slide_id}/{run_id}/thumbnail.jpg"
+    if store.stat(bucket, key) is None:
+        return None
+    with Image.open(io.BytesIO(store.get_bytes(bucket, key))) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
