@@ -148,7 +148,10 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_lazy_arguments(rescore, "wsitk.shared.models.lifecycle", "add_rescore_arguments")
     rescore.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_rescore"))
 
-    export = sub.add_parser("export", help="export a slide's features (h5 for CLAM / TRIDENT)")
+    export = sub.add_parser(
+        "export",
+        help="export a slide: features (h5, CLAM / TRIDENT), attention GeoJSON (QuPath), heatmap, top tiles",
+    )
     _add_lazy_arguments(export, "wsitk.shared.models.cli", "add_export_arguments")
     export.set_defaults(handler=_lazy("wsitk.shared.models.cli", "cli_export"))
 
