@@ -179,10 +179,18 @@ def cli_list(args: argparse.Namespace) -> int:
                 f" ({low:.3f}-{high:.3f})" if low is not None and high is not None else ""
             )
         print(
-            f"{v.model_version:48s} {v.status:10s} {v.architecture.get('name', '')!s:16s} {auc_text:24s} "
+            f"{v.model_version:48s} {v.status:10s} {_arch_name(v.architecture):16s} {auc_text:24s} "
             f"{v.created_by:20s}"
         )
     return 0
+
+
+def _arch_name(architecture: dict[str, Any]) -> str:
+    """ "gated-attention-mil" or, for a fold ensemble, "5 x gated-attention-mil"."""
+    members = architecture.get("members") or []
+    if architecture.get("name") == "ensemble" and members:
+        return f"{len(members)} x {members[0].get('name', '?')}"
+    return str(architecture.get("name", ""))
 
 
 # -- rescore ---------------------------------------------------------------------------------------------
