@@ -167,15 +167,21 @@ def cli_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_logging = None
     if args.command not in ("run", "demo", "experiment", "services", "stack"):
         # Tool commands print results on stdout; their library logs go to stderr, warnings and up only.
-        from wsitk.shared.logging import configure_logging
+        from wsitk.shared.logging import configure_cli_logging
 
-        configure_logging("wsi-cli", os.environ.get("WSI_CLI_LOG_LEVEL", "WARNING"))
+        previous_logging = configure_cli_logging(os.environ.get("WSI_CLI_LOG_LEVEL", "WARNING"))
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    finally:
+        if previous_logging is not None:  # called in-process (tests): leave logging as it was
+            import structlog
+
+            structlog.configure(**previous_logging)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,25 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     _configured = True
 
 
+def configure_cli_logging(level: str = "WARNING") -> dict[str, Any]:
+    """JSON logs on stderr at ``level`` for the tool commands (``wsi train``, ``wsi rescore``...), whose
+    stdout carries their results. Returns the previous structlog configuration so an in-process caller
+    can restore it; unlike ``configure_logging`` it does not claim the process for a service."""
+    previous: dict[str, Any] = structlog.get_config()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.WARNING)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    return previous
+
+
 def get_logger(**bound: Any) -> Any:
     # structlog.get_logger is lazy: binding here would freeze the default (non-JSON) configuration.
     return structlog.get_logger(**bound)
