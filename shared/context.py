@@ -6,7 +6,6 @@ unit-tested with a context pointing at a test stack (or the filesystem object st
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -51,11 +50,9 @@ class ServiceContext:
 
     def model_manifest(self) -> dict[str, Any]:
         """The local model manifest (``$WSI_MODEL_DIR/models.json``), written by `wsi model init-defaults`."""
-        path = Path(self.settings.model_dir) / "models.json"
-        if not path.is_file():
-            return {}
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
+        from wsitk.shared.models.defaults import load_manifest
+
+        return load_manifest(Path(self.settings.model_dir)) or {}
 
     def current_profile(self) -> pb.PipelineProfile:
         """The pipeline profile pinned on slides ingested now (settings + the active models).

@@ -96,11 +96,9 @@ def _services() -> tuple[Any, Any, Any]:
 
 
 def _serving_backbone(settings: Any) -> str | None:
-    manifest_path = Path(settings.model_dir) / "models.json"
-    if not manifest_path.is_file():
-        return None
-    manifest = json.loads(manifest_path.read_text())
-    backbone = manifest.get("backbone", {}).get("backbone_id")
+    from wsitk.shared.models.defaults import load_manifest
+
+    backbone = (load_manifest(Path(settings.model_dir)) or {}).get("backbone", {}).get("backbone_id")
     return str(backbone) if backbone else None
 
 

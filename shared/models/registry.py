@@ -31,6 +31,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from wsitk.shared.db.connection import Database
 from wsitk.shared.errors import PermanentError
+from wsitk.shared.models.defaults import load_manifest
 from wsitk.shared.objectstore import ObjectStore, sha256_file
 
 PROFILE_KEYS = ("backbone_id", "target_mpp", "tile_size", "stain_method")
@@ -331,7 +332,7 @@ class ModelResolver:
         self._active: tuple[float, str | None] = (-1e9, None)
 
     def default_version(self) -> str:
-        manifest = _manifest(self.model_dir)
+        manifest = load_manifest(self.model_dir) or {}
         return str(manifest.get("mil", {}).get("model_version", ""))
 
     def active(self) -> str:
@@ -352,7 +353,7 @@ class ModelResolver:
             if version in self._runners:
                 self._runners.move_to_end(version)
                 return self._runners[version]
-            manifest = _manifest(self.model_dir)
+            manifest = load_manifest(self.model_dir) or {}
             mil = manifest.get("mil", {})
             if version == mil.get("model_version"):
                 rel = Path(mil.get("path", "mil-default.onnx"))
@@ -395,11 +396,3 @@ class ModelResolver:
             while len(self._runners) > self.keep:
                 self._runners.popitem(last=False)
             return runner, expected
-
-
-def _manifest(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / "models.json"
-    if not path.is_file():
-        return {}
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
