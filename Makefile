@@ -22,11 +22,15 @@ $(STAMP): pyproject.toml setup.py proto/wsi/v1/events.proto
 # `pip install -e` runs setup.py, which generates the contracts' Python code from proto/.
 setup: $(STAMP)
 
-# Debian packages the tests use as real peers: Prometheus (live dashboard/alert check) and promtool.
+# Debian packages the tests use as real peers: Prometheus (live dashboard/alert check) and promtool;
+# PostgreSQL built with OpenSSL (the TLS test's server: the pgserver wheel's build has no TLS).
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  echo "installing Debian's prometheus (for the live observability test)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql (the TLS test's server)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 	@command -v kubectl >/dev/null || echo "note: kubectl (1.27+, with built-in kustomize) is needed by tests/test_deploy_static.py"
 
 models: setup

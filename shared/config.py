@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,7 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://wsi_app:wsi_app@127.0.0.1:5432/wsi")
     database_admin_url: SecretStr | None = None
     database_sslmode: str = ""  # e.g. verify-full; appended to the URL when set
+    database_sslrootcert: str = ""  # CA file that verifies the server (libpq's sslrootcert), when set
 
     # Service runtime
     metrics_port: int = 0  # 0 = pick a free port (the chosen port is logged)
@@ -131,8 +133,9 @@ class Settings(BaseSettings):
             secret = _read_secret_file(self.database_url, "WSI_DATABASE_URL_FILE")
         assert secret is not None
         url = secret.get_secret_value()
-        if self.database_sslmode and "sslmode=" not in url:
-            url += ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
+        for name, value in (("sslmode", self.database_sslmode), ("sslrootcert", self.database_sslrootcert)):
+            if value and f"{name}=" not in url:
+                url += ("&" if "?" in url else "?") + f"{name}={quote(value, safe='/')}"
         return url
 
     def has_admin_url(self) -> bool:

@@ -9,16 +9,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
+    """``server_ssl`` makes it a TLS terminator: clients speak TLS to it, it speaks plain TCP onwards.
+    ``accepted`` counts the client connections (TLS handshakes done, when ``server_ssl`` is set)."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        listen_host: str = "127.0.0.1",
+        *,
+        port: int = 0,
+        server_ssl: ssl.SSLContext | None = None,
+    ) -> None:
         self.target = (target_host, target_port)
         self.listen_host = listen_host
-        with socket.socket() as probe:
-            probe.bind((listen_host, 0))
-            self.port = probe.getsockname()[1]
+        self.server_ssl = server_ssl
+        self.accepted = 0
+        self.port = port or free_port(listen_host)
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -45,6 +63,7 @@ class TcpProxy:
                 writer.close()
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -58,7 +77,7 @@ class TcpProxy:
 
     async def _start(self) -> None:
         self._server = await asyncio.start_server(
-            self._handle, self.listen_host, self.port, reuse_address=True
+            self._handle, self.listen_host, self.port, reuse_address=True, ssl=self.server_ssl
         )
 
     async def _cut(self) -> None:

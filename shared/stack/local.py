@@ -94,21 +94,30 @@ class StackInfo:
 # ---------------------------------------------------------------------------------------------
 # Provisioning: topics, buckets, database. Each is separately callable and idempotent.
 # ---------------------------------------------------------------------------------------------
-def ensure_topics(bootstrap: str, *, replication_factor: int | None = None) -> list[str]:
+def ensure_topics(
+    bootstrap: str, *, replication_factor: int | None = None, settings: Settings | None = None
+) -> list[str]:
     """Create every topic of the topic table that the broker lacks; returns the names created.
 
     ``replication_factor=None`` uses the table's factor capped at the number of brokers, so the
     same call works on the one-node local broker and on a cluster. A topic that exists with another
-    partition count is left alone (changing it remaps keys) and logged as a warning.
+    partition count is left alone (changing it remaps keys) and logged as a warning. ``settings``
+    supplies the security options (TLS, SASL) of a broker that requires them.
     """
-    return asyncio.run(_ensure_topics(bootstrap, replication_factor))
+    return asyncio.run(_ensure_topics(bootstrap, replication_factor, settings))
 
 
-async def _ensure_topics(bootstrap: str, replication_factor: int | None) -> list[str]:
+async def _ensure_topics(
+    bootstrap: str, replication_factor: int | None, settings: Settings | None
+) -> list[str]:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from wsitk.shared.bus.kafka import client_options
     from wsitk.shared.topics import topic_table
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    options: dict[str, Any] = {"bootstrap_servers": bootstrap, "request_timeout_ms": 10000}
+    if settings is not None:
+        options = {**client_options(settings), **options}
+    admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
         brokers = len((await admin.describe_cluster())["brokers"]) or 1
@@ -157,18 +166,9 @@ async def _ensure_topics(bootstrap: str, replication_factor: int | None) -> list
 
 def ensure_buckets(settings: Settings) -> list[str]:
     """Create the uploads and artifacts buckets if missing; returns the names created."""
-    import urllib3
-    from minio import Minio
+    from wsitk.shared.objectstore import S3ObjectStore
 
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=30), retries=urllib3.Retry(3))
-    client = Minio(
-        settings.s3_endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret(),
-        secure=settings.s3_secure,
-        region=settings.s3_region,
-        http_client=http,
-    )
+    client = S3ObjectStore(settings).client  # the services' client: same TLS and CA options
     created = []
     for bucket in (settings.uploads_bucket, settings.artifacts_bucket):
         if not client.bucket_exists(bucket):

@@ -10,7 +10,8 @@ restart or a SIGKILL of the server, as DESIGN.md section 5 requires ("S3 and Pos
 data"). Only the latest version of a key is kept, and only path-style requests (``/bucket/key``,
 what the minio client sends to an IP endpoint) are understood.
 
-Run as ``python -m wsitk.shared.stack.s3server --host 127.0.0.1 --port 9000 --data-dir DIR``.
+Run as ``python -m wsitk.shared.stack.s3server --host 127.0.0.1 --port 9000 --data-dir DIR``; with
+``--certfile CERT --keyfile KEY`` it serves HTTPS only.
 """
 
 from __future__ import annotations
@@ -191,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--certfile", type=Path, help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--keyfile", type=Path, help="the private key of --certfile")
     args = parser.parse_args(argv)
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
 
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -205,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     buckets, objects = mirror.restore()
     print(f"restored {buckets} buckets and {objects} objects from {mirror.data_dir}", flush=True)
     app = persisting_app(DomainDispatcherApplication(create_backend_app), mirror)
-    server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    tls = (str(args.certfile), str(args.keyfile)) if args.certfile else None
+    server = make_server(
+        args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler, ssl_context=tls
+    )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         print(f"signal {signum}: stopping", flush=True)
@@ -213,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"S3 server (moto) listening on http://{args.host}:{args.port}", flush=True)
+    scheme = "https" if tls else "http"
+    print(f"S3 server (moto) listening on {scheme}://{args.host}:{args.port}", flush=True)
     server.serve_forever()
     return 0
 

@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,16 @@ def broker_ready(bootstrap: str, timeout_ms: int = 3000) -> bool:
 # ---------------------------------------------------------------------------------------------
 def postgres_bin(name: str) -> Path:
     """``pgserver`` ships a full PostgreSQL build; its own launcher stops the server when the Python
-    process that asked for it exits, so the stack uses the binaries directly instead."""
+    process that asked for it exits, so the stack uses the binaries directly instead.
+
+    ``WSI_POSTGRES_BIN_DIR`` names another PostgreSQL build to use instead (the wheel's is built
+    without OpenSSL, so a server that must speak TLS needs, for example, Debian's).
+    """
     import importlib.util
+
+    override = os.environ.get("WSI_POSTGRES_BIN_DIR")
+    if override:
+        return Path(override) / name
 
     # Located without importing pgserver: its import creates a lock file and a runtime folder.
     spec = importlib.util.find_spec("pgserver")
@@ -199,7 +208,8 @@ def init_postgres(layout: Layout, admin_password: str) -> bool:
     return True
 
 
-def start_postgres(layout: Layout, host: str, port: int) -> int:
+def start_postgres(layout: Layout, host: str, port: int, options: Sequence[str] = ()) -> int:
+    """Start the server; ``options`` are extra ``name=value`` server settings (``-c``)."""
     user = _postgres_os_user()
     if user is not None:
         _hand_over(layout.pgdata, user)
@@ -218,6 +228,8 @@ def start_postgres(layout: Layout, host: str, port: int) -> int:
         "-c",
         "logging_collector=off",
     ]
+    for option in options:
+        command += ["-c", option]
     layout.log_dir.mkdir(parents=True, exist_ok=True)
     return procs.spawn_detached(
         command,
