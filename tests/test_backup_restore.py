@@ -168,3 +168,14 @@ def test_an_overwritten_upload_comes_back_from_its_earlier_version(backup_stack:
     finally:
         response.close()
         response.release_conn()
+
+    # A deleted upload: the delete leaves a marker (the local server used to answer it with HTTP 500),
+    # the key is gone from the listing, and an earlier version can still be read back.
+    client.remove_object(bucket, key)
+    assert key not in {entry.object_name for entry in client.list_objects(bucket, prefix=key)}
+    kept = client.get_object(bucket, key, version_id=first.version_id)
+    try:
+        assert kept.read() == original
+    finally:
+        kept.close()
+        kept.release_conn()

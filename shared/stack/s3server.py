@@ -69,7 +69,7 @@ class DiskMirror:
                 return
             folder.mkdir(exist_ok=True)
             _write_atomic(folder / _BUCKET_MARKER, json.dumps({"name": bucket_name}).encode())
-        live = {self._stem(name) for name in bucket.keys}
+        live = {self._stem(name) for name in bucket.keys if _current(bucket, name) is not None}
         for sidecar in folder.glob("*.json"):
             if sidecar.name != _BUCKET_MARKER and sidecar.stem not in live:
                 self._remove(folder, sidecar.stem)
@@ -83,8 +83,8 @@ class DiskMirror:
         with self.lock:
             if bucket is None:
                 return
-            key = bucket.keys.get(key_name)
-            if key is None:
+            key = _current(bucket, key_name)
+            if key is None:  # deleted (in a versioned bucket: its latest version is a delete marker)
                 self._remove(folder, stem)
                 return
             folder.mkdir(exist_ok=True)
@@ -133,6 +133,12 @@ class DiskMirror:
                 key.last_modified = datetime.datetime.fromisoformat(record["last_modified"])
                 objects += 1
         return buckets, objects
+
+
+def _current(bucket: Any, key_name: str) -> Any:
+    """The key's current object, or None if it has none or its latest version is a delete marker."""
+    key = bucket.keys.get(key_name)
+    return None if key is None or not hasattr(key, "etag") else key
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
