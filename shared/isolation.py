@@ -80,8 +80,8 @@ class IsolatedRunner:
                 self._discard_pool()
                 raise PermanentError(
                     "decoder-crashed",
-                    f"{what}: the decoding process died (crash or out of memory, limit "
-                    f"{self.memory_limit_bytes // 2**20} MiB); the file is probably corrupt or malicious",
+                    f"{what}: the decoding process died, from a crash or an allocation past the decoder's limit "
+                    f"of {self._limit_text()}; the file is probably corrupt or malicious, or needs a higher limit",
                 ) from exc
             except FutureTimeout as exc:
                 self._discard_pool()
@@ -92,8 +92,14 @@ class IsolatedRunner:
                 self._discard_pool()
                 raise PermanentError(
                     "out-of-memory",
-                    f"{what}: decoding needed more than {self.memory_limit_bytes // 2**20} MiB",
+                    f"{what}: decoding needed more memory than the decoder's limit of {self._limit_text()}; "
+                    "the file is a decompression bomb, or a genuine slide that needs a higher limit",
                 ) from exc
+
+    def _limit_text(self) -> str:
+        if self.memory_limit_bytes <= 0:
+            return "none (WSI_ISOLATION_MEMORY_BYTES is 0)"
+        return f"{self.memory_limit_bytes // 2**20} MiB (WSI_ISOLATION_MEMORY_BYTES)"
 
     def close(self) -> None:
         with self._lock:
