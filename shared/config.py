@@ -86,8 +86,10 @@ class Settings(BaseSettings):
     tile_size: int = 224
     tiles_per_shard: int = 256
     min_tissue_fraction: float = 0.25
-    qc_min_tissue_fraction: float = 0.5
-    qc_min_blur_variance: float = 15.0
+    # Tile QC limits (services/quality_filter/measures.py); 0 = that service's documented default
+    qc_min_tissue_fraction: float = 0.0  # default 0.15: tissue-edge tiles with a fair share are kept
+    qc_min_sharpness: float = 0.0  # default 0.18
+    qc_keep_fat: bool = False  # adipose tiles are rejected as "fat" unless this is set
     mpp_override: float = 0.0  # used only for slides without MPP; 0 = reject such slides
     stain_method: str = (
         ""  # "", "macenko" or "reinhard": fitted per slide by the tiler, applied by the embedder

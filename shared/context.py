@@ -54,28 +54,44 @@ class ServiceContext:
 
         return load_manifest(Path(self.settings.model_dir)) or {}
 
-    def current_profile(self) -> pb.PipelineProfile:
+    def profile_geometry(self, manifest: dict[str, Any] | None = None) -> tuple[int, float]:
+        """``(tile_size, target_mpp)`` for new slides: the registered encoder's, else the settings'.
+
+        A backbone registered from the encoder registry (``wsi model export-backbone ENCODER --weights
+        FILE``) records the tile size and magnification its model was trained at in ``models.json``;
+        tiling at anything else would feed it tiles it was not trained on.
+        """
+        backbone = (self.model_manifest() if manifest is None else manifest).get("backbone", {})
+        if backbone.get("encoder") and backbone.get("tile_size") and backbone.get("target_mpp"):
+            return int(backbone["tile_size"]), float(backbone["target_mpp"])
+        return self.settings.tile_size, self.settings.target_mpp
+
+    def current_profile(self, *, slide_mpp_override: float = 0.0) -> pb.PipelineProfile:
         """The pipeline profile pinned on slides ingested now (settings + the active models).
 
         The MIL model version is the registry's active one (the shipped default when none is active), so
         a slide is scored by the version that was active when it arrived, whatever is promoted meanwhile.
+        ``slide_mpp_override`` is the MPP a lab registered for this one slide (0 = none).
         """
         manifest = self.model_manifest()
         s = self.settings
+        tile_size, target_mpp = self.profile_geometry(manifest)
         profile = pb.PipelineProfile(
-            target_mpp=s.target_mpp,
-            tile_size=s.tile_size,
+            target_mpp=target_mpp,
+            tile_size=tile_size,
             tiles_per_shard=s.tiles_per_shard,
             encoder_id=str(manifest.get("backbone", {}).get("backbone_id", "")),
             mil_model_version=self.models.active(),
             min_tissue_fraction=s.min_tissue_fraction,
             qc_min_tissue_fraction=s.qc_min_tissue_fraction,
-            qc_min_blur_variance=s.qc_min_blur_variance,
+            qc_min_sharpness=s.qc_min_sharpness,
+            qc_keep_fat=s.qc_keep_fat,
             mpp_override=s.mpp_override,
             stain_method=s.stain_method,
             qc_max_pen_fraction=s.qc_max_pen_fraction,
             qc_max_dark_fraction=s.qc_max_dark_fraction,
             qc_max_bright_fraction=s.qc_max_bright_fraction,
+            slide_mpp_override=slide_mpp_override,
         )
         profile.profile_id = profile_id(profile)
         return profile

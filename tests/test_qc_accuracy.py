@@ -67,7 +67,7 @@ def test_qc_finds_pen_blur_and_debris_with_high_precision_and_recall(artefact_sl
         )
         reader, _ = open_fast_reader(truth.path, "aperio", list(slide.level_dimensions))
     assert reader is not None
-    limits = QcThresholds(min_tissue_fraction=0.5, min_blur_variance=BLUR_THRESHOLD)
+    limits = QcThresholds(min_tissue_fraction=0.5)
     outcome = {"pen": [0, 0, 0], "blur": [0, 0, 0], "underexposed": [0, 0, 0]}  # tp, fp, fn
     side = round(grid.tile_size_level0)
     for x, y in grid.coords:
@@ -104,7 +104,7 @@ def test_qc_finds_pen_blur_and_debris_with_high_precision_and_recall(artefact_sl
 def test_qc_reasons_for_exposure_and_background() -> None:
     rng = np.random.default_rng(0)
     tissue = render_patch("normal", 256, 0.5, rng)
-    limits = QcThresholds(min_tissue_fraction=0.5, min_blur_variance=15.0)
+    limits = QcThresholds(min_tissue_fraction=0.5)
     assert assess(tissue, limits)[:2] == (True, "")
     assert assess(np.full((256, 256, 3), 255, np.uint8), limits)[1] == "overexposed"
     debris = (tissue * np.array([0.3, 0.22, 0.2])).astype(np.uint8)  # dark brown fold/debris

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from wsitk.services.mil_scorer.scorer import subsample
-from wsitk.services.quality_filter.handler import assess, blur_variance, tissue_fraction
+from wsitk.services.quality_filter.handler import assess
 from wsitk.shared.contracts import pb
 from wsitk.shared.slides.synth import render_patch
 
-PROFILE = pb.PipelineProfile(qc_min_tissue_fraction=0.5, qc_min_blur_variance=15.0)
+PROFILE = pb.PipelineProfile(qc_min_tissue_fraction=0.5)
 
 
 def test_sharp_tissue_passes_blurred_tissue_and_background_do_not() -> None:
@@ -19,11 +19,11 @@ def test_sharp_tissue_passes_blurred_tissue_and_background_do_not() -> None:
     background = render_patch("background", 224, 0.5, rng)
     assert assess(tissue, PROFILE)[0]
     ok, reason, metrics = assess(blurred, PROFILE)
-    assert (ok, reason) == (False, "blur") and metrics["blur_variance"] < blur_variance(tissue)
-    ok, reason, _ = assess(background, PROFILE)
+    assert (ok, reason) == (False, "blur") and metrics["sharpness"] < assess(tissue, PROFILE)[2]["sharpness"]
+    ok, reason, background_metrics = assess(background, PROFILE)
     assert (ok, reason) == (False, "background")
-    assert tissue_fraction(background) < 0.2
-    assert tissue_fraction(tissue) > 0.8
+    assert background_metrics["tissue_fraction"] < 0.2
+    assert assess(tissue, PROFILE)[2]["tissue_fraction"] > 0.8
 
 
 def test_tile_cap_keeps_everything_below_it_and_a_stable_sample_above() -> None:

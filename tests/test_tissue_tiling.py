@@ -188,7 +188,7 @@ def test_tissue_mask_matches_the_blobs_and_leaves_out_pen(tissue_slide: Syntheti
     with openslide.OpenSlide(tissue_slide.path) as slide:
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
         tissue = segment_tissue(slide, mpp0=tissue_slide.mpp0)
-    assert 7.5 <= tissue.mask_mpp[0] <= 16 and 7.5 <= tissue.mask_mpp[1] <= 16
+    assert 3.5 <= tissue.mask_mpp[0] <= 16 and 3.5 <= tissue.mask_mpp[1] <= 16
     x_um, y_um = mask_pixel_centres_um(tissue)
     truth = tissue_slide.truth(x_um, y_um)
     iou = (tissue.mask & truth).sum() / (tissue.mask | truth).sum()
@@ -362,7 +362,7 @@ def test_level_choice_never_upsamples_and_resizes_to_tile_size() -> None:
         mpp0=0.25,
         area_mm2=7.5,
         polygons={"type": "FeatureCollection", "features": []},
-        saturation_threshold=0.1,
+        density_threshold=0.1,
         ink_fraction=0.0,
     )
     grid = plan_tiles(

@@ -12,6 +12,10 @@ tiles, and from OpenSlide otherwise; the plan records which (``reader``) and why
 profile asks for stain normalisation, it is fitted here once per slide on an evenly spread sample of
 its tissue tiles and carried on every ``TileShard`` (``stain``).
 
+The slide's level-0 MPP follows ``shared/slides/reader.py: mpp_for``, with the lab's per-slide value
+(``PipelineProfile.slide_mpp_override``, ``wsi mpp set``) first; the plan records the MPP used and its
+source (``level0_mpp``, ``level0_mpp_source``).
+
 The tiling run id is deterministic (slide id + profile id), and so are every key and event id: a
 redelivered or re-driven slide finds the manifest and re-publishes the same events without reading
 a pixel.
@@ -71,13 +75,14 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
     from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
     from wsitk.shared.slides.fastread import open_fast_reader
     from wsitk.shared.slides.reader import mpp_for
-    from wsitk.shared.slides.tiling import iter_tiles, plan_tiles
+    from wsitk.shared.slides.tiling import fill_outside_slide, iter_tiles, plan_tiles
     from wsitk.shared.slides.tissue import segment_tissue
 
     profile = json_format.Parse(profile_json, pb.PipelineProfile())
     out = Path(out_dir)
     with openslide.OpenSlide(path) as slide:
-        mpp = mpp_for(slide.properties, profile.mpp_override)
+        # The lab's per-slide MPP (profile.slide_mpp_override) wins over the file's own.
+        mpp = mpp_for(slide.properties, profile.mpp_override, slide_override=profile.slide_mpp_override)
         mpp0 = float(mpp.x)
         width, height = slide.dimensions
         tissue = segment_tissue(slide, mpp0=mpp0)
@@ -107,9 +112,10 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
             fast = None
 
         def tiles_of(indices: list[int]) -> Iterator[tuple[int, NDArray[np.uint8]]]:
-            if fast is not None:
-                return fast.iter_tiles(grid, indices)
-            return iter_tiles(slide, grid, indices)
+            tiles = fast.iter_tiles(grid, indices) if fast is not None else iter_tiles(slide, grid, indices)
+            for index, tile in tiles:
+                x, y = (int(v) for v in coords[index])
+                yield index, fill_outside_slide(tile, grid, x, y, (width, height), tissue.background.white)
 
         stain = _fit_stain(str(getattr(profile, "stain_method", "")), len(coords), tiles_of)
         per_shard = int(profile.tiles_per_shard)
@@ -127,6 +133,7 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
                 "mpp": float(profile.target_mpp),
                 "tile_size_level0": float(grid.tile_size_level0),
                 "level": int(grid.level),
+                "background": tissue.background.to_dict(),  # QC measures tissue against this glass
             }
             data = pack_shard(header, tiles)
             (out / f"{shard_id_for(index)}.shard").write_bytes(data)
@@ -139,8 +146,10 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
         "stain": stain,
         "level": int(grid.level),
         "level0_mpp": mpp0,
+        "level0_mpp_source": mpp.source,
         "tile_size_level0": float(grid.tile_size_level0),
         "tissue_area_mm2": float(tissue.area_mm2),
+        "background": tissue.background.to_dict(),
         "width": int(width),
         "height": int(height),
         "total_tiles": len(coords),
@@ -265,9 +274,12 @@ class TilerHandler:
             tiles=plan["total_tiles"],
             shards=len(plan["shards"]),
             level=plan["level"],
+            level0_mpp=plan["level0_mpp"],
+            level0_mpp_source=plan["level0_mpp_source"],
             reader=plan["reader"],
             reader_fallback_reason=plan["reader_fallback_reason"],
             stain_method=plan["stain"].get("method", ""),
+            background=plan["background"],
         )
         return manifest
 
@@ -289,11 +301,15 @@ class TilerHandler:
             tissue_area_mm2=manifest["tissue_area_mm2"],
             level=manifest["level"],
             level0_mpp=manifest["level0_mpp"],
+            level0_mpp_source=manifest.get("level0_mpp_source", ""),
             tissue_mask=pb.ObjectRef(**manifest["tissue_mask"]),
             slide_width=manifest["width"],
             slide_height=manifest["height"],
             tile_size_level0=round(manifest["tile_size_level0"]),
         )
+        background = manifest.get("background") or {}
+        plan.background_rgb.extend(background.get("white", []))
+        plan.background_noise_od = float(background.get("noise_od", 0.0))
         if "thumbnail" in manifest:
             plan.thumbnail.CopyFrom(pb.ObjectRef(**manifest["thumbnail"]))
         outputs = [Outgoing(TILE_PLANS, slide_id, plan)]

@@ -185,6 +185,32 @@ def read_tile(slide: openslide.OpenSlide, grid: TileGrid, x: int, y: int) -> NDA
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
+def fill_outside_slide(
+    tile: NDArray[np.uint8],
+    grid: TileGrid,
+    x: int,
+    y: int,
+    slide_size: tuple[int, int],
+    white: tuple[float, float, float],
+) -> NDArray[np.uint8]:
+    """The tile with the part past the slide's right or bottom edge painted the slide's glass colour.
+
+    Readers return white (255) past the edge, which is neither glass nor tissue; painted as glass, an edge
+    tile is measured like any other tile at the edge of tissue instead of as over-exposed.
+    """
+    width, height = slide_size
+    scale = tile.shape[1] / grid.tile_size_level0  # output pixels per level-0 pixel
+    inside_x = math.floor((width - x) * scale)
+    inside_y = math.floor((height - y) * scale)
+    if inside_x >= tile.shape[1] and inside_y >= tile.shape[0]:
+        return tile
+    painted = tile.copy()
+    colour = np.asarray(np.rint(white), dtype=np.uint8)
+    painted[:, max(inside_x, 0) :] = colour
+    painted[max(inside_y, 0) :, :] = colour
+    return painted
+
+
 def iter_tiles(
     slide: openslide.OpenSlide, grid: TileGrid, indices: Iterable[int] | None = None
 ) -> Iterator[tuple[int, NDArray[np.uint8]]]:

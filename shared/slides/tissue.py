@@ -1,25 +1,28 @@
 """Find tissue on a slide's thumbnail, so the tiler cuts tiles only where there is something to see.
 
-Method (DESIGN.md section 6), on a thumbnail of about ``thumb_mpp`` um/px (8 by default, 16 at most
-for typical slides; bounded to ``max_mask_side`` px per side whatever the slide size):
+Tissue is defined once, in ``shared/slides/optical.py``: optical density against the slide's own glass
+(its white point, estimated from the thumbnail), with marker ink of every common colour told apart by the
+ratios of its channel densities. Tile QC (the quality-filter service) uses the same definition, so a
+tile the tiler planned as tissue is measured with the same yardstick downstream.
 
-1. **Pen ink** is found first and excluded everywhere (``ink_mask``). Rule, in HSV on the thumbnail:
-   blue ink is hue 190-240 deg with saturation >= 0.45; green ink is hue 75-190 deg with saturation
-   >= 0.25; black ink is any pixel whose brightest channel is below 0.25. H&E has no green, its
-   hematoxylin blue-violet sits at hue ~245-300 and, averaged with eosin at thumbnail scale, well below
-   saturation 0.45; so the rule removes marker strokes but not stained tissue. Ink is dilated by
-   ``ink_margin_px`` to take the stroke's anti-aliased halo with it.
-2. **Saturation threshold**: Otsu on the HSV saturation of the non-ink pixels, clipped to
-   ``[min_saturation, max_saturation_threshold]``. The lower bound is the guard for an empty slide:
-   on bare glass the saturation histogram is a single noise peak and Otsu would split the noise; with
-   the floor, noise never passes. The upper bound stops Otsu from splitting pale from dark tissue
-   when tissue dominates the thumbnail.
-3. **Not near-white**: pixels whose darkest channel is at least ``white_level`` are background even if
-   slightly coloured (a yellowish glass, JPEG chroma noise).
-4. **Morphology**: closing (joins fragments), filling holes smaller than ``max_hole_area_mm2`` (nuclei
-   and small gaps; large holes such as fat or lumen stay background), ink removed again (holes filled
-   over a stroke inside tissue are ink, not tissue), opening (removes specks and thin slivers), and
-   regions smaller than ``min_region_area_mm2`` dropped (dust, debris).
+Method, on a thumbnail of about ``thumb_mpp`` um/px (4 by default, finer for small slides so that the
+thumbnail has at least ``min_mask_side`` px on its long side; bounded to ``max_mask_side`` px per side
+whatever the slide size), read block by block:
+
+1. **Background**: the slide's white point and glass noise (``estimate_background``), from the scanned
+   pixels only (outside the scanned area OpenSlide returns transparent pixels, which are not glass).
+2. **Ink** of every colour (``optical.ink_mask``), opened (an isolated ink-coloured pixel is dense stain)
+   and dilated by ``INK_MARGIN_UM`` to take the stroke's anti-aliased edge and the ink thinned over
+   tissue with it, is excluded everywhere.
+3. **Strong tissue**: density at least the slide's tissue threshold (``Background.tissue_threshold``:
+   0.06 OD, or four glass-noise standard deviations on a noisy scan).
+4. **Faint tissue** (hysteresis): regions above ``faint_ratio`` x that threshold are added when they
+   touch strong tissue and are no larger than ``faint_max_ratio`` x the strong tissue they touch. Being
+   measured against the slide's own glass, glass never reaches the lower threshold however tinted it is;
+   the size bound stops a gradient of the illumination from growing into the background regardless.
+5. **Morphology**: closing (joins fragments), filling holes smaller than ``max_hole_area_mm2`` (nuclei
+   and small gaps; large holes such as fat or lumen stay background), ink removed again, opening
+   (removes specks and thin slivers), and regions smaller than ``min_region_area_mm2`` dropped.
 
 The mask is exported as GeoJSON polygons in level-0 pixel coordinates that QuPath opens as "Tissue"
 annotations (``mask_to_geojson``).
@@ -33,6 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
+from wsitk.shared.slides.optical import (
+    Background,
+    estimate_background,
+    ink_continuation,
+    ink_mask,
+    optical_density,
+    tissue_density,
+)
 
 if TYPE_CHECKING:
     import openslide
@@ -42,6 +53,8 @@ ImageArray = NDArray[np.uint8]
 
 _LEVEL_TOLERANCE = 1.01
 _TISSUE_COLOUR = [0, 160, 80]
+#: How far around detected ink the mask also leaves out (micrometres).
+INK_MARGIN_UM = 12.0
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,9 @@ class TissueMask:
     mpp0: float  # level-0 um/px the mask was computed for
     area_mm2: float
     polygons: dict[str, Any]  # GeoJSON FeatureCollection, level-0 pixel coordinates
-    saturation_threshold: float  # the clipped Otsu threshold used (0.0 when nothing could be tissue)
+    density_threshold: float  # the optical density from which a pixel was tissue (0.0: nothing could be)
     ink_fraction: float  # share of thumbnail pixels classed as pen ink
+    background: Background = field(default_factory=lambda: Background((242.0, 242.0, 242.0)))
     thumbnail: ImageArray | None = field(default=None, repr=False, compare=False)  # RGB, the mask's grid
 
     @property
@@ -110,8 +124,16 @@ def read_thumbnail(
 
     ``get_thumbnail`` reads a whole level at once, which for a slide without a coarse level is the
     full-resolution image; here at most about ``chunk_px``^2 level pixels are held at a time. Returns
-    the image and the pyramid level it was read from.
+    the image and the pyramid level it was read from. Unscanned (transparent) pixels come back white.
     """
+    thumbnail, _, level = read_thumbnail_with_coverage(slide, width=width, height=height, chunk_px=chunk_px)
+    return thumbnail, level
+
+
+def read_thumbnail_with_coverage(
+    slide: openslide.OpenSlide, *, width: int, height: int, chunk_px: int = 2048
+) -> tuple[ImageArray, BoolArray, int]:
+    """``read_thumbnail`` plus which thumbnail pixels were scanned (at least half opaque)."""
     from PIL import Image
 
     base_width, base_height = slide.dimensions
@@ -124,72 +146,32 @@ def read_thumbnail(
     per_mask_y = scale_y / level_downsample
     block = max(8, int(chunk_px // max(per_mask_x, per_mask_y, 1.0)))
     thumbnail = np.empty((height, width, 3), dtype=np.uint8)
+    scanned = np.ones((height, width), dtype=bool)
     for out_y0 in range(0, height, block):
         out_y1 = min(out_y0 + block, height)
         src_y0, src_y1, box_top, box_bottom = _source_span(out_y0, out_y1, per_mask_y, level_height)
         for out_x0 in range(0, width, block):
             out_x1 = min(out_x0 + block, width)
             src_x0, src_x1, box_left, box_right = _source_span(out_x0, out_x1, per_mask_x, level_width)
-            region = slide.read_region(
-                (round(src_x0 * level_downsample), round(src_y0 * level_downsample)),
-                level,
-                (src_x1 - src_x0, src_y1 - src_y0),
+            region = np.asarray(
+                slide.read_region(
+                    (round(src_x0 * level_downsample), round(src_y0 * level_downsample)),
+                    level,
+                    (src_x1 - src_x0, src_y1 - src_y0),
+                )
             )
-            rgb = Image.fromarray(composite_on_white(np.asarray(region)))
-            resized = rgb.resize(
-                (out_x1 - out_x0, out_y1 - out_y0),
-                Image.Resampling.BOX,
-                box=(box_left, box_top, box_right, box_bottom),
-            )
+            size = (out_x1 - out_x0, out_y1 - out_y0)
+            box = (box_left, box_top, box_right, box_bottom)
+            rgb = Image.fromarray(composite_on_white(region))
+            resized = rgb.resize(size, Image.Resampling.BOX, box=box)
             thumbnail[out_y0:out_y1, out_x0:out_x1] = np.asarray(resized)
-    return thumbnail, level
-
-
-def _hsv(rgb: ImageArray) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
-    """Hue in degrees [0, 360), saturation and value in [0, 1]."""
-    values = rgb.astype(np.float32) / 255.0
-    red, green, blue = values[..., 0], values[..., 1], values[..., 2]
-    brightest = values.max(axis=-1)
-    darkest = values.min(axis=-1)
-    spread = brightest - darkest
-    safe_spread = np.where(spread > 0, spread, 1.0)
-    hue = np.where(
-        brightest == red,
-        ((green - blue) / safe_spread) % 6.0,
-        np.where(brightest == green, (blue - red) / safe_spread + 2.0, (red - green) / safe_spread + 4.0),
-    )
-    hue = np.where(spread > 0, hue * 60.0, 0.0).astype(np.float32)
-    saturation = np.where(brightest > 0, spread / np.where(brightest > 0, brightest, 1.0), 0.0)
-    return hue, saturation.astype(np.float32), brightest
-
-
-def ink_mask(rgb: ImageArray, *, black_value: float = 0.25, black_max_saturation: float = 1.0) -> BoolArray:
-    """Pixels of blue, green or black marker pen (the rule is in the module docstring).
-
-    ``black_value`` is the brightness below which a pixel counts as black ink: 0.25 on a thumbnail,
-    where nuclei are averaged away; tile QC at full resolution uses a lower one, and a saturation
-    ceiling that keeps brown debris and folds (saturated) apart from black ink (near neutral).
-    """
-    hue, saturation, value = _hsv(rgb)
-    blue = (hue >= 190.0) & (hue <= 240.0) & (saturation >= 0.45)
-    green = (hue >= 75.0) & (hue < 190.0) & (saturation >= 0.25)
-    black = (value < black_value) & (saturation <= black_max_saturation)
-    return np.asarray(blue | green | black, dtype=bool)
-
-
-def otsu_threshold(values: NDArray[np.float32], *, bins: int = 256) -> float:
-    """Otsu's threshold for values in [0, 1] (between-class variance maximised over a histogram)."""
-    if values.size == 0:
-        return 0.0
-    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centres = (edges[:-1] + edges[1:]) / 2.0
-    weight_low = np.cumsum(counts).astype(np.float64)
-    weight_high = weight_low[-1] - weight_low
-    cumulative_mass = np.cumsum(counts * centres)
-    mean_low = cumulative_mass / np.maximum(weight_low, 1.0)
-    mean_high = (cumulative_mass[-1] - cumulative_mass) / np.maximum(weight_high, 1.0)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
+            alpha = region[..., 3]
+            if not bool((alpha == 255).all()):
+                opaque = Image.fromarray(np.ascontiguousarray(alpha)).resize(
+                    size, Image.Resampling.BOX, box=box
+                )
+                scanned[out_y0:out_y1, out_x0:out_x1] = np.asarray(opaque) >= 128
+    return thumbnail, scanned, level
 
 
 def _padded_morphology(mask: BoolArray, operation: str, iterations: int) -> BoolArray:
@@ -219,58 +201,96 @@ def _small_components(mask: BoolArray, max_pixels: float) -> BoolArray:
     return np.asarray(small[labels], dtype=bool)
 
 
+def _connected_to(candidates: BoolArray, seeds: BoolArray) -> BoolArray:
+    """The 8-connected regions of ``candidates`` that touch ``seeds``."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(candidates | seeds, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros_like(seeds)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[np.unique(labels[seeds])] = True
+    keep[0] = False
+    return np.asarray(keep[labels], dtype=bool)
+
+
+def _faint_regions(strong: BoolArray, faint: BoolArray, *, max_ratio: float, min_pixels: float) -> BoolArray:
+    """Faint regions that continue strong tissue and are no larger than ``max_ratio`` x what they touch.
+
+    Each faint region (8-connected) is compared with the total area of the strong regions it touches
+    (within two pixels); faint regions touching nothing are not tissue.
+    """
+    from scipy import ndimage
+
+    eight = np.ones((3, 3), dtype=bool)
+    faint_labels, faint_count = ndimage.label(faint, structure=eight)
+    if faint_count == 0:
+        return np.zeros_like(strong)
+    strong_labels, strong_count = ndimage.label(strong, structure=eight)
+    if strong_count == 0:
+        return np.zeros_like(strong)
+    strong_sizes = np.bincount(strong_labels.ravel(), minlength=strong_count + 1).astype(np.float64)
+    reach = ndimage.grey_dilation(strong_labels, size=(5, 5))  # the strong label within two pixels
+    overlap = (faint_labels > 0) & (reach > 0)
+    pairs = np.unique(np.stack([faint_labels[overlap], reach[overlap]]), axis=1)
+    touched_area = np.zeros(faint_count + 1, dtype=np.float64)
+    np.add.at(touched_area, pairs[0], strong_sizes[pairs[1]])
+    faint_sizes = np.bincount(faint_labels.ravel(), minlength=faint_count + 1).astype(np.float64)
+    keep = (touched_area > 0) & (faint_sizes <= max_ratio * np.maximum(touched_area, min_pixels))
+    keep[0] = False
+    return np.asarray(keep[faint_labels], dtype=bool)
+
+
 def tissue_mask_from_rgb(
     rgb: ImageArray,
     *,
     pixel_area_mm2: float,
+    background: Background | None = None,
+    scanned: BoolArray | None = None,
     min_region_area_mm2: float = 0.05,
     max_hole_area_mm2: float = 0.25,
-    min_saturation: float = 0.05,
-    max_saturation_threshold: float = 0.20,
-    white_level: int = 220,
-    ink_margin_px: int = 2,
+    ink_margin_px: int | None = None,
     closing_iterations: int = 2,
     opening_iterations: int = 1,
-    faint_ratio: float = 0.5,
+    faint_ratio: float = 0.25,
+    faint_max_ratio: float = 1.0,
 ) -> tuple[BoolArray, float, float]:
-    """Tissue mask of a thumbnail; returns (mask, saturation threshold, ink fraction).
+    """Tissue mask of a thumbnail; returns (mask, density threshold, ink fraction).
 
     ``pixel_area_mm2`` is the physical area of one thumbnail pixel, so that the area limits mean the
-    same on every slide whatever its resolution. Steps and rules are in the module docstring.
+    same on every slide whatever its resolution; ``background`` is estimated from the thumbnail when not
+    given; ``scanned`` marks pixels inside the scanned area. Steps and rules are in the module docstring.
     """
     from scipy import ndimage
 
-    _, saturation, _ = _hsv(rgb)
-    ink = ink_mask(rgb)
+    valid = np.ones(rgb.shape[:2], dtype=bool) if scanned is None else np.asarray(scanned, dtype=bool)
+    background = background or estimate_background(rgb, valid)
+    density_per_channel = optical_density(rgb, background)
+    density = tissue_density(density_per_channel)
+    ink = ink_mask(density_per_channel, background.red_ink_blue_ratio) & valid
+    ink = _padded_morphology(ink, "open", 1)  # single ink-coloured pixels are dense stain, not strokes
+    if bool(ink.any()):  # ink thinned over tissue, connected to a stroke, is ink too
+        ink |= _connected_to(ink_continuation(density_per_channel) & valid, ink)
     ink_fraction = float(ink.mean()) if ink.size else 0.0
-    near_white = rgb.min(axis=-1) >= white_level
-    candidates = ~ink & ~near_white
-    if not bool((saturation[candidates] >= min_saturation).any()):
+    threshold = background.tissue_threshold
+    min_region_px = min_region_area_mm2 / pixel_area_mm2
+    tissue = valid & ~ink & (density >= threshold)
+    if not bool(tissue.any()):
         return np.zeros(rgb.shape[:2], dtype=bool), 0.0, ink_fraction
-    threshold = otsu_threshold(saturation[~ink])
-    threshold = min(max(threshold, min_saturation), max_saturation_threshold)
-    tissue = candidates & (saturation >= threshold)
     if faint_ratio > 0:
-        # Pale tissue (weak staining) sits well below a threshold that strong tissue set: accept regions
-        # above a lower threshold too, if they are solid (opening) and large enough to be tissue.
-        low = max(min_saturation, faint_ratio * threshold)
-        faint = _padded_morphology(candidates & (saturation >= low) & ~tissue, "open", 1)
-        labels, count = ndimage.label(faint)
-        if count:
-            sizes = np.bincount(labels.ravel(), minlength=count + 1)
-            touching = np.unique(labels[ndimage.binary_dilation(tissue, iterations=2) & faint])
-            keep = sizes >= min_region_area_mm2 / pixel_area_mm2  # hysteresis: large on its own,
-            keep[touching] = True  # or continuing strong tissue
-            keep[0] = False
-            tissue |= keep[labels]
+        low = max(faint_ratio * threshold, 3.0 * background.noise_od)
+        faint = _padded_morphology(valid & ~ink & ~tissue & (density >= low), "open", 1)
+        tissue |= _faint_regions(tissue, faint, max_ratio=faint_max_ratio, min_pixels=min_region_px)
     tissue = _padded_morphology(tissue, "close", closing_iterations)
     holes = ndimage.binary_fill_holes(tissue) & ~tissue
     tissue |= _small_components(holes, max_hole_area_mm2 / pixel_area_mm2)
+    if ink_margin_px is None:  # about INK_MARGIN_UM: a stroke's anti-aliased edge, or ink thinned over tissue
+        ink_margin_px = max(1, round(INK_MARGIN_UM / (1000.0 * math.sqrt(pixel_area_mm2))))
     if ink_margin_px > 0 and bool(ink.any()):
         ink = ndimage.binary_dilation(ink, structure=np.ones((3, 3), dtype=bool), iterations=ink_margin_px)
-    tissue &= ~ink
+    tissue &= ~ink & valid
     tissue = _padded_morphology(tissue, "open", opening_iterations)
-    tissue &= ~_small_components(tissue, min_region_area_mm2 / pixel_area_mm2)
+    tissue &= ~_small_components(tissue, min_region_px)
     return np.asarray(tissue, dtype=bool), float(threshold), ink_fraction
 
 
@@ -278,30 +298,39 @@ def segment_tissue(
     slide: openslide.OpenSlide,
     *,
     mpp0: float,
-    thumb_mpp: float = 8.0,
+    thumb_mpp: float = 4.0,
     min_region_area_mm2: float = 0.05,
     max_hole_area_mm2: float = 0.25,
+    min_mask_side: int = 256,
     max_mask_side: int = 4096,
     chunk_px: int = 2048,
 ) -> TissueMask:
     """Segment the tissue of an open slide whose level-0 resolution is ``mpp0`` um/px.
 
-    The thumbnail is read at about ``thumb_mpp`` um/px (coarser when that would exceed
+    The thumbnail is read at about ``thumb_mpp`` um/px (finer when the slide is small, so that its long
+    side has ``min_mask_side`` px, never finer than level 0; coarser when it would exceed
     ``max_mask_side`` pixels per side), block by block, so memory stays bounded for any slide size.
     """
     if mpp0 <= 0 or thumb_mpp <= 0:
         raise ValueError(f"mpp0 and thumb_mpp must be positive, got mpp0={mpp0}, thumb_mpp={thumb_mpp}")
     base_width, base_height = slide.dimensions
-    downsample = max(thumb_mpp / mpp0, max(base_width, base_height) / max_mask_side, 1.0)
+    long_side = max(base_width, base_height)
+    downsample = min(thumb_mpp / mpp0, long_side / min_mask_side)
+    downsample = max(downsample, long_side / max_mask_side, 1.0)
     mask_width = max(1, round(base_width / downsample))
     mask_height = max(1, round(base_height / downsample))
-    thumbnail, _ = read_thumbnail(slide, width=mask_width, height=mask_height, chunk_px=chunk_px)
+    thumbnail, scanned, _ = read_thumbnail_with_coverage(
+        slide, width=mask_width, height=mask_height, chunk_px=chunk_px
+    )
     downsample_x = base_width / mask_width
     downsample_y = base_height / mask_height
     pixel_area_mm2 = downsample_x * downsample_y * mpp0 * mpp0 / 1e6
+    background = estimate_background(thumbnail, scanned)
     mask, threshold, ink_fraction = tissue_mask_from_rgb(
         thumbnail,
         pixel_area_mm2=pixel_area_mm2,
+        background=background,
+        scanned=scanned,
         min_region_area_mm2=min_region_area_mm2,
         max_hole_area_mm2=max_hole_area_mm2,
     )
@@ -311,8 +340,9 @@ def segment_tissue(
         mpp0=mpp0,
         area_mm2=float(mask.sum()) * pixel_area_mm2,
         polygons=mask_to_geojson(mask, (downsample_x, downsample_y), pixel_area_mm2=pixel_area_mm2),
-        saturation_threshold=threshold,
+        density_threshold=threshold,
         ink_fraction=ink_fraction,
+        background=background,
         thumbnail=thumbnail,
     )
 
