@@ -6,8 +6,9 @@ stained fragment lies. Artefacts are defined in level-0 micrometres, so every py
 same artefact at its own resolution, and :func:`artefact_truth` rasterises them onto the layout grid as
 boolean masks (the ground truth written beside the slide).
 
-* **pen**: blue, green and black marker strokes (thick polylines) laid over glass and tissue alike;
-  ink multiplies the light like a filter, as on a real slide.
+* **pen**: blue, green and black marker strokes (thick polylines) laid over glass and tissue alike, and
+  red ones on request (``extra_pen_colours``; a scanner look's ``red_ink``); ink multiplies the light like
+  a filter, as on a real slide.
 * **blur**: disks inside tissue where the image is Gaussian-blurred (sigma ``BLUR_SIGMA_UM``), like a
   scanner focus miss; rendered from a padded window so the blur has no seams at tile borders.
 * **debris**: dark brown ellipses (folds, dust, pigment) that QC should call under-exposed/dark.
@@ -31,7 +32,11 @@ PEN_COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (35, 65, 175),
     "green": (40, 150, 70),
     "black": (28, 28, 32),
+    "red": (200, 40, 50),
 }
+#: The colours every artefact slide gets one stroke of; others (red) only when asked for, drawn from their
+#: own seeded stream so that slides without them keep their bytes.
+STANDARD_PEN_COLOURS = ("blue", "green", "black")
 PEN_OPACITY = 0.9
 BLUR_SIGMA_UM = 4.0
 DEBRIS_COLOUR = (70, 50, 40)
@@ -68,12 +73,50 @@ class Artefacts:
 
 
 def plan_artefacts(
-    seed: int, width_um: float, height_um: float, tissue_mask: BoolArray, mask_downsample_um: float
+    seed: int,
+    width_um: float,
+    height_um: float,
+    tissue_mask: BoolArray,
+    mask_downsample_um: float,
+    *,
+    extra_pen_colours: tuple[str, ...] = (),
 ) -> Artefacts:
-    """A seeded set: one stroke of each pen colour, two blurred disks, one debris spot and one faint disk,
-    the last three centred on tissue (``tissue_mask`` cells of ``mask_downsample_um`` micrometres)."""
+    """A seeded set: one stroke of each standard pen colour, two blurred disks, one debris spot and one faint
+    disk, the last three centred on tissue (``tissue_mask`` cells of ``mask_downsample_um`` micrometres),
+    plus one stroke of each of ``extra_pen_colours`` (see :func:`plan_pen_strokes`)."""
     rng = np.random.default_rng([seed, 11])
+    on_tissue = _tissue_sampler(rng, tissue_mask, mask_downsample_um)
+    pens = [_pen_stroke(rng, colour, width_um, height_um, on_tissue) for colour in STANDARD_PEN_COLOURS]
     short_um = min(width_um, height_um)
+    blur = tuple(Disk(*on_tissue(), radius_um=max(120.0, 0.08 * short_um)) for _ in range(2))
+    debris = (Disk(*on_tissue(), radius_um=max(60.0, 0.04 * short_um)),)
+    faint = (Disk(*on_tissue(), radius_um=max(150.0, 0.09 * short_um)),)
+    extra = plan_pen_strokes(seed, extra_pen_colours, width_um, height_um, tissue_mask, mask_downsample_um)
+    return Artefacts(pens=(*pens, *extra), blur=blur, debris=debris, faint=faint)
+
+
+def plan_pen_strokes(
+    seed: int,
+    colours: tuple[str, ...],
+    width_um: float,
+    height_um: float,
+    tissue_mask: BoolArray,
+    mask_downsample_um: float,
+) -> tuple[PenStroke, ...]:
+    """One stroke per colour, crossing tissue, from a seeded stream of its own (adding red to a slide
+    leaves its other artefacts where they were)."""
+    unknown = [colour for colour in colours if colour not in PEN_COLOURS]
+    if unknown:
+        raise ValueError(f"pen colours {unknown} are not among {', '.join(PEN_COLOURS)}")
+    rng = np.random.default_rng([seed, 12])
+    on_tissue = _tissue_sampler(rng, tissue_mask, mask_downsample_um)
+    return tuple(_pen_stroke(rng, colour, width_um, height_um, on_tissue) for colour in colours)
+
+
+def _tissue_sampler(
+    rng: np.random.Generator, tissue_mask: BoolArray, mask_downsample_um: float
+) -> Callable[[], tuple[float, float]]:
+    """A function drawing the centre (micrometres) of a random tissue cell (the mask's centre if none)."""
     rows, cols = np.nonzero(tissue_mask)
     if len(rows) == 0:
         rows, cols = np.array([tissue_mask.shape[0] // 2]), np.array([tissue_mask.shape[1] // 2])
@@ -82,18 +125,24 @@ def plan_artefacts(
         pick = int(rng.integers(len(rows)))
         return (float(cols[pick]) + 0.5) * mask_downsample_um, (float(rows[pick]) + 0.5) * mask_downsample_um
 
-    pens = []
-    for colour in ("blue", "green", "black"):
-        start = (rng.uniform(0.05, 0.95) * width_um, rng.uniform(0.05, 0.95) * height_um)
-        angle = rng.uniform(0, 2 * math.pi)
-        length = rng.uniform(0.25, 0.45) * short_um
-        middle = on_tissue()
-        end = (middle[0] + length * math.cos(angle), middle[1] + length * math.sin(angle))
-        pens.append(PenStroke(colour, (start, middle, end), width_um=max(40.0, 0.025 * short_um)))
-    blur = tuple(Disk(*on_tissue(), radius_um=max(120.0, 0.08 * short_um)) for _ in range(2))
-    debris = (Disk(*on_tissue(), radius_um=max(60.0, 0.04 * short_um)),)
-    faint = (Disk(*on_tissue(), radius_um=max(150.0, 0.09 * short_um)),)
-    return Artefacts(pens=tuple(pens), blur=blur, debris=debris, faint=faint)
+    return on_tissue
+
+
+def _pen_stroke(
+    rng: np.random.Generator,
+    colour: str,
+    width_um: float,
+    height_um: float,
+    on_tissue: Callable[[], tuple[float, float]],
+) -> PenStroke:
+    """A two-segment stroke from a random point through a tissue point, as a hand marks a region."""
+    short_um = min(width_um, height_um)
+    start = (rng.uniform(0.05, 0.95) * width_um, rng.uniform(0.05, 0.95) * height_um)
+    angle = rng.uniform(0, 2 * math.pi)
+    length = rng.uniform(0.25, 0.45) * short_um
+    middle = on_tissue()
+    end = (middle[0] + length * math.cos(angle), middle[1] + length * math.sin(angle))
+    return PenStroke(colour, (start, middle, end), width_um=max(40.0, 0.025 * short_um))
 
 
 def _segment_distance(
@@ -145,10 +194,14 @@ def render_with_artefacts(
     y0: int,
     width: int,
     height: int,
+    *,
+    white_rgb: tuple[float, float, float] | None = None,
 ) -> ImageArray:
     """Render the window (pixels of a level whose pixels are ``px_um`` wide) and draw the artefacts.
 
-    ``render(x0, y0, width, height)`` gives the clean pixels of any window of that level.
+    ``render(x0, y0, width, height)`` gives the clean pixels of any window of that level. ``white_rgb`` is
+    the slide's glass white point (a scanner look's): faint staining is weakened relative to it rather
+    than to pure white (None: relative to 255, as before looks existed).
     """
     from scipy.ndimage import gaussian_filter
 
@@ -171,7 +224,11 @@ def render_with_artefacts(
     for disk in artefacts.faint:
         if _touches(disk, x0, y0, width, height, px_um, 0.0):
             weight = _disk_coverage(disk, xs, ys, px_um)[..., None]
-            faded = 255.0 * np.power(np.clip(image / 255.0, 1e-4, 1.0), FAINT_STAIN)
+            if white_rgb is None:
+                faded = 255.0 * np.power(np.clip(image / 255.0, 1e-4, 1.0), FAINT_STAIN)
+            else:
+                white = np.asarray(white_rgb, np.float32)
+                faded = white * np.power(np.clip(image / white, 1e-4, 1.0), FAINT_STAIN)
             image = image + (faded - image) * weight.astype(np.float32)
     for disk in artefacts.debris:
         if _touches(disk, x0, y0, width, height, px_um, 0.0):

@@ -28,6 +28,10 @@ How a slide is drawn:
   labelled cohort (:func:`generate_labelled_cohort`) uses them so that the slides of one lab share a staining
   and scanner look and the slides of one patient share a tissue look, as real cohorts do: splitting by slide
   instead of by patient then leaks, and models can be checked across sites.
+* Scanner and stain looks (``look``, a :class:`~wsitk.shared.slides.looks.ScannerLook`; the named set
+  ``LOOKS`` and ``random_look`` live in ``shared/slides/looks.py``): glass white point (the illumination,
+  which multiplies tissue too), stain intensity and hue, JPEG quality, strip-boundary stripes, red ink.
+  The default look is an exact no-op.
 
 Public entry points: :class:`SynthSpec`, :func:`generate_slide`, :func:`generate_cohort`, :func:`load_truth`,
 :func:`render_patch`, :func:`render_region`, :class:`CohortParameters`, :func:`plan_labelled_cohort`,
@@ -54,11 +58,15 @@ import numpy as np
 from numpy.typing import NDArray
 from wsitk.shared.slides.artefacts import (
     ARTEFACT_KINDS,
+    PEN_COLOURS,
     Artefacts,
     artefact_truth,
+    pen_colour_mask,
     plan_artefacts,
+    plan_pen_strokes,
     render_with_artefacts,
 )
+from wsitk.shared.slides.looks import LOOKS, ScannerLook, hue_rotated, look_named, random_look, stripe_od
 
 GENERATOR_VERSION = "wsitk-synth-1"
 
@@ -189,12 +197,19 @@ class SynthSpec:
     stain_shift: tuple[float, float] = (1.0, 1.0)  # (eosin, haematoxylin) OD multipliers: a lab's protocol
     illumination_od: tuple[float, float, float] = (0.0, 0.0, 0.0)  # OD added per RGB channel: scanner cast
     nucleus_scale: float = 1.0  # nuclear radius multiplier of both classes: one patient's look
+    # Scanner and stain look (shared/slides/looks.py). The default changes nothing. A look's JPEG quality,
+    # when it has one, replaces ``jpeg_quality``; its red ink is drawn even without ``artefacts``.
+    look: ScannerLook = field(default_factory=ScannerLook)
 
     def __post_init__(self) -> None:
-        # Truth files store tuples as JSON lists; normalise so that a reloaded spec equals (and hashes like)
-        # the one that wrote the slide.
+        # Truth files store tuples as JSON lists and the look as an object; normalise so that a reloaded
+        # spec equals (and hashes like) the one that wrote the slide.
         object.__setattr__(self, "stain_shift", tuple(float(v) for v in self.stain_shift))
         object.__setattr__(self, "illumination_od", tuple(float(v) for v in self.illumination_od))
+        if isinstance(self.look, dict):
+            object.__setattr__(self, "look", ScannerLook.from_json(self.look))
+        if self.look.jpeg_quality is not None:
+            object.__setattr__(self, "jpeg_quality", self.look.jpeg_quality)
         problems = []
         if not (64 <= self.width <= 400_000 and 64 <= self.height <= 400_000):
             problems.append(f"width x height {self.width}x{self.height} must each be within 64..400000 px")
@@ -284,6 +299,7 @@ class SlideTruth:
     spec: SynthSpec
     identifying_properties: dict[str, str] = field(default_factory=dict)
     artefact_masks: dict[str, BoolArray] = field(default_factory=dict)  # pen/blur/debris/faint, mask grid
+    pen_masks: dict[str, BoolArray] = field(default_factory=dict)  # per pen colour drawn, mask grid
 
     @property
     def truth_json_path(self) -> Path:
@@ -652,13 +668,27 @@ class Renderer:
         *,
         illumination_od: tuple[float, float, float] = (0.0, 0.0, 0.0),
         nucleus_scale: float = 1.0,
+        look: ScannerLook | None = None,
     ):
         self.layout = layout
         self.mpp = mpp
         self.seed = seed
+        self.look = look or ScannerLook()
         self.eosin_scale, self.haematoxylin_scale = stain_scale
+        if self.look.stain_intensity != (1.0, 1.0):
+            self.eosin_scale *= self.look.stain_intensity[0]
+            self.haematoxylin_scale *= self.look.stain_intensity[1]
         # None when neutral, so that a neutral renderer does not even add zeros (bytes stay as they were).
         self.illumination_od = np.asarray(illumination_od, np.float32) if any(illumination_od) else None
+        if self.look.white_rgb is not None:
+            # The glass white point is the illumination: an OD offset that takes the reference glass
+            # (GLASS_OD) to the look's white, added to glass and tissue alike.
+            white_od = -np.log(np.asarray(self.look.white_rgb, np.float64) / 255.0) - GLASS_OD
+            self.illumination_od = (np.asarray(illumination_od, np.float64) + white_od).astype(np.float32)
+        self.eosin_od, self.haematoxylin_od = EOSIN_OD, HAEMATOXYLIN_OD
+        if self.look.stain_hue_deg != (0.0, 0.0):
+            self.eosin_od = hue_rotated(EOSIN_OD, self.look.stain_hue_deg[0])
+            self.haematoxylin_od = hue_rotated(HAEMATOXYLIN_OD, self.look.stain_hue_deg[1])
         self.normal, self.tumour = NORMAL, TUMOUR
         if nucleus_scale != 1.0:
             self.normal, self.tumour = (
@@ -805,7 +835,7 @@ class Renderer:
 
         tissue, tumour = self._memberships(downsample, x0, y0, width, height, mpp_eff, coarse)
         if tissue is not None and not tissue.any():
-            return self._to_rgb(optical_density)
+            return self._to_rgb(optical_density, downsample, x0)
         tissue_weight = np.float32(1.0) if tissue is None else tissue
         tumour_weight = np.float32(0.0) if tumour is None else tumour
 
@@ -841,14 +871,20 @@ class Renderer:
         eosin = eosin * (1 - 0.55 * nuclear_coverage) * (tissue_weight * eosin_scale)
         haematoxylin = stroma_haem * (1 + 0.3 * coarse) * tissue_weight + nuclear_coverage * nuclear_haem
         haematoxylin = np.maximum(haematoxylin, 0) * haematoxylin_scale
-        optical_density += np.maximum(eosin, 0)[..., None] * EOSIN_OD
-        optical_density += haematoxylin[..., None] * HAEMATOXYLIN_OD
-        return self._to_rgb(optical_density)
+        optical_density += np.maximum(eosin, 0)[..., None] * self.eosin_od
+        optical_density += haematoxylin[..., None] * self.haematoxylin_od
+        return self._to_rgb(optical_density, downsample, x0)
 
-    def _to_rgb(self, optical_density: FloatArray) -> NDArray[np.uint8]:
-        """RGB from optical density, after the scanner's colour cast (it darkens glass and tissue alike)."""
+    def _to_rgb(self, optical_density: FloatArray, downsample: int, x0: int) -> NDArray[np.uint8]:
+        """RGB from optical density, after the scanner's colour cast and white point and its strip
+        boundaries (they darken or tint glass and tissue alike)."""
         if self.illumination_od is not None:
             optical_density += self.illumination_od
+        if self.look.stripe_period_um > 0:
+            pixel_um = self.mpp * downsample
+            x_um = (np.arange(x0, x0 + optical_density.shape[1], dtype=np.float64) + 0.5) * pixel_um
+            bands = stripe_od(x_um, pixel_um, self.look.stripe_period_um, self.look.stripe_depth)
+            optical_density += bands[None, :, None]
         return _to_rgb(optical_density)
 
     def _memberships(
@@ -893,6 +929,7 @@ def _slide_renderer(spec: SynthSpec, layout: Layout | None = None) -> Renderer:
         (eosin * eosin_shift, haematoxylin * haematoxylin_shift),  # x 1.0 is exact: default bytes unchanged
         illumination_od=spec.illumination_od,
         nucleus_scale=spec.nucleus_scale,
+        look=spec.look,
     )
 
 
@@ -1012,7 +1049,16 @@ def _tile_iterator(
                 tile = clean(tile_x, tile_y, tile_size, tile_size)
             else:
                 px_um = renderer.mpp * downsample
-                tile = render_with_artefacts(clean, artefacts, px_um, tile_x, tile_y, tile_size, tile_size)
+                tile = render_with_artefacts(
+                    clean,
+                    artefacts,
+                    px_um,
+                    tile_x,
+                    tile_y,
+                    tile_size,
+                    tile_size,
+                    white_rgb=renderer.look.white_rgb,
+                )
             on_tile()
             yield tile
 
@@ -1287,15 +1333,18 @@ def _write_thumbnail(writer: Any, spec: SynthSpec, renderer: Renderer, common: d
 
 
 def _artefacts_for(spec: SynthSpec, layout: Layout) -> Artefacts | None:
-    if not spec.artefacts:
-        return None
-    return plan_artefacts(
-        spec.seed,
+    extra_pens = ("red",) if spec.look.red_ink else ()
+    geometry = (
         spec.width * spec.mpp,
         spec.height * spec.mpp,
         layout.tissue_mask,
         layout.downsample * spec.mpp,
     )
+    if spec.artefacts:
+        return plan_artefacts(spec.seed, *geometry, extra_pen_colours=extra_pens)
+    if extra_pens:  # a look's red ink on a slide without the other artefacts
+        return Artefacts(pens=plan_pen_strokes(spec.seed, extra_pens, *geometry))
+    return None
 
 
 def _truth_from_layout(
@@ -1325,6 +1374,15 @@ def _truth_from_layout(
         artefact_masks=(
             {} if artefacts is None else artefact_truth(artefacts, tissue.shape, layout.downsample * spec.mpp)
         ),
+        pen_masks=(
+            {}
+            if artefacts is None
+            else {
+                colour: pen_colour_mask(artefacts, colour, tissue.shape, layout.downsample * spec.mpp)
+                for colour in PEN_COLOURS
+                if any(stroke.colour == colour for stroke in artefacts.pens)
+            }
+        ),
     )
 
 
@@ -1344,7 +1402,7 @@ def _write_truth(truth: SlideTruth) -> None:
         "mask_downsample": truth.mask_downsample,
         "level_dimensions": truth.spec.level_dimensions(),
         "identifying_properties": truth.identifying_properties,
-        "spec": dataclasses.asdict(truth.spec),
+        "spec": _spec_json(truth.spec),
     }
     truth.truth_json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     with truth.mask_path.open("wb") as handle:
@@ -1353,8 +1411,17 @@ def _write_truth(truth: SlideTruth) -> None:
             "tumour": truth.tumour_mask,
             "downsample": np.asarray(truth.mask_downsample),
             **{f"artefact_{kind}": mask for kind, mask in truth.artefact_masks.items()},
+            **{f"pen_{colour}": mask for colour, mask in truth.pen_masks.items()},
         }
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+
+
+def _spec_json(spec: SynthSpec) -> dict[str, Any]:
+    """The spec as JSON; without the look when it is the default, so truth files stay as they were."""
+    summary = dataclasses.asdict(spec)
+    if spec.look == ScannerLook():
+        del summary["look"]
+    return summary
 
 
 def load_truth(path: Path) -> SlideTruth:
@@ -1374,6 +1441,11 @@ def load_truth(path: Path) -> SlideTruth:
             for kind in ARTEFACT_KINDS
             if f"artefact_{kind}" in masks.files
         }
+        pen_masks = {
+            colour: masks[f"pen_{colour}"].astype(bool)
+            for colour in PEN_COLOURS
+            if f"pen_{colour}" in masks.files
+        }
     return SlideTruth(
         path=path,
         label=summary["label"],
@@ -1391,6 +1463,7 @@ def load_truth(path: Path) -> SlideTruth:
         spec=SynthSpec(**summary["spec"]),
         identifying_properties=summary.get("identifying_properties", {}),
         artefact_masks=artefact_masks,
+        pen_masks=pen_masks,
     )
 
 
@@ -1409,6 +1482,8 @@ def generate_cohort(
     artefacts: bool = False,
     jpeg_tables: bool = False,
     rgb_coded_jpeg: bool = False,
+    looks: tuple[ScannerLook, ...] = (),
+    random_looks: bool = False,
     progress: Callable[[Path, float], None] | None = None,
     on_slide: Callable[[SlideTruth], None] | None = None,
 ) -> list[SlideTruth]:
@@ -1416,9 +1491,13 @@ def generate_cohort(
 
     Slide i gets the seed ``seed * 1000 + i``, so cohorts with different seeds never share a slide. File
     names do not reveal the label (the pipeline must not be able to read the answer off the upload key).
+    Slide i gets the scanner look ``looks[i % len(looks)]``, or with ``random_looks`` its own
+    ``random_look(slide seed)``; neither: the reference look.
     """
     if n_slides < 0:
         raise ValueError(f"n_slides {n_slides} must be >= 0")
+    if looks and random_looks:
+        raise ValueError("give either looks or random_looks, not both")
     if not 0.0 <= tumour_ratio <= 1.0:
         raise ValueError(f"tumour_ratio {tumour_ratio} must be within 0..1")
     out_dir = Path(out_dir)
@@ -1439,6 +1518,13 @@ def generate_cohort(
             artefacts=artefacts,
             jpeg_tables=jpeg_tables,
             rgb_coded_jpeg=rgb_coded_jpeg,
+            look=(
+                random_look(slide_seed)
+                if random_looks
+                else looks[index % len(looks)]
+                if looks
+                else ScannerLook()
+            ),
         )
         slide_path = out_dir / f"synth-{slide_seed:06d}.{extension}"
         callback = None if progress is None else functools.partial(progress, slide_path)
@@ -1976,6 +2062,16 @@ def _parse_count_range(text: str) -> tuple[int, int]:
         ) from None
 
 
+def _parse_looks(text: str) -> tuple[ScannerLook, ...]:
+    """``all``, or comma-separated look names (``shared/slides/looks.py``)."""
+    if text.strip() == "all":
+        return tuple(LOOKS.values())
+    try:
+        return tuple(look_named(name.strip()) for name in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``wsi synth OUTDIR``: unrelated slides (``--count``) or a labelled cohort (``--patients``)."""
     parser.add_argument(
@@ -2015,7 +2111,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--artefacts",
         action="store_true",
-        help="draw pen strokes (blue, green, black), blurred disks, dark debris and faint tissue, with truth masks",
+        help="draw pen strokes (blue, green, black; red too with a look's red ink), blurred disks, dark debris "
+        "and faint tissue, with truth masks",
     )
     parser.add_argument(
         "--jpeg-tables",
@@ -2026,6 +2123,21 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
         "--rgb-jpeg",
         action="store_true",
         help="RGB-coded JPEG tiles (photometric RGB, no colour marker); implies --jpeg-tables",
+    )
+    looks = parser.add_mutually_exclusive_group()
+    looks.add_argument(
+        "--look",
+        type=_parse_looks,
+        default=None,
+        metavar="NAME[,NAME...]|all",
+        help=f"scanner/stain look(s), cycled over the slides: {', '.join(LOOKS)}, random-<seed>, or 'all' "
+        "(then --count defaults to one slide per look); see docs/tiling-and-qc.md",
+    )
+    looks.add_argument(
+        "--random-looks",
+        action="store_true",
+        help="each slide gets a random look (glass tint and brightness, stain intensity and hue, JPEG "
+        "quality, stripes, red ink) drawn from its seed",
     )
     cohort = parser.add_argument_group(
         "labelled cohort",
@@ -2056,8 +2168,18 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_SLIDES_ONLY = {"count": "--count", "tumour_ratio": "--tumour-ratio", "tile_size": "--tile-size"}
-_SLIDES_ONLY_FLAGS = {"no_mpp": "--no-mpp", "jpeg_tables": "--jpeg-tables", "rgb_jpeg": "--rgb-jpeg"}
+_SLIDES_ONLY = {
+    "count": "--count",
+    "tumour_ratio": "--tumour-ratio",
+    "tile_size": "--tile-size",
+    "look": "--look",
+}
+_SLIDES_ONLY_FLAGS = {
+    "no_mpp": "--no-mpp",
+    "jpeg_tables": "--jpeg-tables",
+    "rgb_jpeg": "--rgb-jpeg",
+    "random_looks": "--random-looks",
+}
 _COHORT_ONLY = {
     "slides_per_patient": "--slides-per-patient",
     "sites": "--sites",
@@ -2104,15 +2226,18 @@ def _cli_slides(args: argparse.Namespace) -> None:
         tumour_fraction = low
 
     def report_slide(truth: SlideTruth) -> None:
+        look = "" if truth.spec.look == ScannerLook() else f"\tlook={truth.spec.look.name}"
         print(
             f"{truth.path}\t{truth.width}x{truth.height}\t{truth.label}\t"
-            f"tumour={truth.tumour_fraction_actual:.3f}",
+            f"tumour={truth.tumour_fraction_actual:.3f}{look}",
             flush=True,
         )
 
+    looks = args.look or ()
+    count = args.count if args.count is not None else len(looks) if len(looks) > 1 else 4
     generate_cohort(
         args.outdir,
-        4 if args.count is None else args.count,
+        count,
         tumour_ratio=0.5 if args.tumour_ratio is None else args.tumour_ratio,
         seed=args.seed,
         size=args.size,
@@ -2124,6 +2249,8 @@ def _cli_slides(args: argparse.Namespace) -> None:
         artefacts=args.artefacts,
         jpeg_tables=args.jpeg_tables or args.rgb_jpeg,
         rgb_coded_jpeg=args.rgb_jpeg,
+        looks=looks,
+        random_looks=args.random_looks,
         progress=_report_progress,
         on_slide=report_slide,
     )
