@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="slides and predictions as the recorder has them")
     status.add_argument("--limit", type=int, default=50)
+    status.add_argument("--slide", help="one slide (id or 8+ digit prefix): every run and its predictions")
     status.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_status"))
 
     events = sub.add_parser("events", help="public events (predictions, rejections, failures) as JSON lines")
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--stalled-after", type=float, default=0.0, help="seconds without progress")
     reconcile.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_reconcile"))
 
+    _add_correction_commands(sub)
     _add_model_commands(sub)
 
     experiment = sub.add_parser(
@@ -105,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_correction_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``wsi mpp ...`` and ``wsi reprocess`` (shared/corrections.py)."""
+    mpp = sub.add_parser("mpp", help="per-slide MPP overrides: set (one slide or a CSV), list, remove")
+    _add_lazy_arguments(mpp, "wsitk.shared.corrections", "add_mpp_arguments")
+    mpp.set_defaults(handler=_lazy("wsitk.shared.corrections", "cli_mpp"))
+    reprocess = sub.add_parser(
+        "reprocess", help="run stored slides again with another MPP or tissue/QC settings (no new upload)"
+    )
+    _add_lazy_arguments(reprocess, "wsitk.shared.corrections", "add_reprocess_arguments")
+    reprocess.set_defaults(handler=_lazy("wsitk.shared.corrections", "cli_reprocess"))
+
+
 def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``wsi model ...`` and ``wsi export ...`` (argument definitions in ``models/cli.py``, no torch)."""
     model = sub.add_parser(
@@ -116,7 +130,11 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     init_defaults.add_argument("--seed", type=int, default=0)
     init_defaults.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_model"))
     export_backbone = model_sub.add_parser(
-        "export-backbone", help="export a torch tile encoder to ONNX, validated against torch"
+        "export-backbone",
+        help=(
+            "export a tile encoder (registry name + local checkpoint, or module:Factory) to ONNX, validated "
+            "against torch; without OUT it becomes the pipeline's encoder"
+        ),
     )
     _add_lazy_arguments(export_backbone, "wsitk.shared.models.cli", "add_export_backbone_arguments")
     export_backbone.set_defaults(handler=_lazy("wsitk.shared.models.cli", "cli_export_backbone"))

@@ -138,10 +138,11 @@ def slide_table(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
         rows = db.execute(
             """
             SELECT s.slide_id, s.status, array_to_string(s.upload_keys, ', '), p.label, p.probability,
-                   p.model_version, s.total_tiles, s.reason_code, s.status_reason
+                   p.model_version, s.total_tiles, s.reason_code, s.status_reason, s.runs, s.mpp, s.mpp_source
             FROM v_slide_status s
             LEFT JOIN LATERAL (SELECT * FROM v_predictions vp WHERE vp.slide_id = s.slide_id
-                               ORDER BY vp.recorded_at DESC LIMIT 1) p ON true
+                               ORDER BY vp.tiling_run_id = s.tiling_run_id DESC, vp.recorded_at DESC
+                               LIMIT 1) p ON true
             ORDER BY s.first_seen_at DESC LIMIT %s
             """,
             (limit,),
@@ -158,6 +159,47 @@ def slide_table(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
         "tiles",
         "reason_code",
         "reason",
+        "runs",
+        "mpp",
+        "mpp_source",
+    ]
+    return [dict(zip(columns, row, strict=True)) for row in rows]
+
+
+def slide_runs(settings: Settings, slide_id: str) -> list[dict[str, Any]]:
+    """Every run of one slide, oldest first, with its profile changes and its predictions."""
+    from wsitk.shared.db.connection import Database
+
+    db = Database(settings.dsn())
+    try:
+        rows = db.execute(
+            """
+            SELECT r.tiling_run_id, r.profile_id, r.origin, r.reason, r.started_at,
+                   r.tiling_run_id = s.tiling_run_id AS current, s.status,
+                   (SELECT count(*) FROM stage_progress g WHERE g.slide_id = r.slide_id
+                      AND g.tiling_run_id = r.tiling_run_id AND g.stage = 'embedder') AS shards_embedded,
+                   coalesce((SELECT json_agg(json_build_object('model_version', p.model_version, 'label', p.label,
+                                    'probability', p.probability, 'origin', p.origin) ORDER BY p.recorded_at)
+                             FROM predictions p WHERE p.slide_id = r.slide_id AND p.tiling_run_id = r.tiling_run_id),
+                            '[]'::json)
+            FROM slide_runs r JOIN slides s ON s.slide_id = r.slide_id
+            WHERE r.slide_id = %s OR (length(%s) >= 8 AND left(r.slide_id, length(%s)) = %s)
+            ORDER BY r.slide_id, r.started_at
+            """,
+            (slide_id, slide_id, slide_id, slide_id),
+        )
+    finally:
+        db.close()
+    columns = [
+        "tiling_run_id",
+        "profile_id",
+        "origin",
+        "reason",
+        "started_at",
+        "current",
+        "status",
+        "shards_embedded",
+        "predictions",
     ]
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
@@ -169,6 +211,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         probability = f"{row['probability']:.3f}" if row["probability"] is not None else ""
         detail = row["reason"] or (row["model_version"] or "")
+        if row.get("mpp_source") == "slide-override":
+            detail = f"{detail}  [slide MPP {row['mpp']:g}]".strip()
+        if (row.get("runs") or 0) > 1:
+            detail = f"{detail}  [run {row['runs']}]".strip()
         lines.append(
             f"{_file_names(row['upload_keys'])[-36:]:36s} {row['slide_id'][:12]:12s} {row['status']:10s} {row['label'] or '':7s} "
             f"{probability:>9s} {row['tiles'] or 0:>6d}  {detail[:120]}"
@@ -181,6 +227,24 @@ def _file_names(keys: str | None) -> str:
 
 
 def cli_status(args: argparse.Namespace) -> int:
+    if args.slide:
+        runs = slide_runs(load_settings(), args.slide.strip().lower())
+        if not runs:
+            print(f"wsi status: no recorded run of slide {args.slide!r}", file=sys.stderr)
+            return 2
+        for run in runs:
+            mark = f"current, {run['status']}" if run["current"] else "earlier"
+            print(
+                f"{run['tiling_run_id']}  {run['origin']:9s} {mark:20s} started {run['started_at']:%Y-%m-%d %H:%M:%S}"
+                f"  shards embedded {run['shards_embedded']}"
+            )
+            if run["reason"]:
+                print(f"    {run['reason']}")
+            for p in run["predictions"]:
+                print(
+                    f"    {p['label']:7s} P(tumour) {p['probability']:.3f}  model {p['model_version']} ({p['origin']})"
+                )
+        return 0
     print(format_table(slide_table(load_settings(), args.limit)))
     return 0
 

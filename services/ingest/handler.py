@@ -9,6 +9,11 @@ Slide identity is the file's content: the SHA-256 of its bytes (first 32 hex dig
 uploaded under two keys is one slide with two sources; a different file uploaded under an existing
 key is a new slide. Decoding runs in a memory-limited child process (shared/isolation.py), so a
 malicious file cannot take the service down.
+
+A lab can correct a slide's physical resolution (``wsi mpp set``, shared/corrections.py): ingest looks a
+new slide up by its content slide id and its upload key, and a registered MPP is pinned in the profile
+(``slide_mpp_override``) and used instead of whatever the file says, also for a file with no MPP at all.
+``build_slide_ingested`` is the one way a ``SlideIngested`` is made, here and by ``wsi reprocess``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import deterministic_id, new_meta, pb
+from wsitk.shared.corrections import lookup_override
 from wsitk.shared.errors import PermanentError
 from wsitk.shared.isolation import IsolatedRunner
 from wsitk.shared.logging import get_logger
@@ -92,12 +98,49 @@ def make_bucket_event(bucket: str, key: str, size: int, etag: str, version_id: s
     ).encode()
 
 
-def _inspect_in_child(path: str, max_pixels: int, mpp_override: float) -> dict[str, Any]:
+def build_slide_ingested(
+    *,
+    slide_id: str,
+    source: pb.ObjectRef,
+    upload_key: str,
+    metadata: pb.SlideMetadata,
+    profile: pb.PipelineProfile,
+    event_parts: list[str],
+    additional_source: bool = False,
+    origin: str = "upload",
+    reason: str = "",
+) -> Outgoing:
+    """The ``SlideIngested`` event (keyed by slide id) that announces a slide to the tiler.
+
+    Ingest makes it for a new upload; ``wsi reprocess`` for a stored slide with another profile
+    (``origin="reprocess"``). ``event_parts`` name the event deterministically.
+    """
+    event = pb.SlideIngested(
+        meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=event_parts),
+        source=source,
+        upload_key=upload_key,
+        metadata=metadata,
+        profile=profile,
+        additional_source=additional_source,
+        origin=origin,
+        reason=reason,
+    )
+    return Outgoing(SLIDES_INGESTED, slide_id, event)
+
+
+def _inspect_in_child(
+    path: str, max_pixels: int, mpp_override: float, slide_mpp_override: float = 0.0
+) -> dict[str, Any]:
     """Runs in the isolated child: open + validate with OpenSlide 4; returns metadata or a rejection."""
     from wsitk.shared.slides.reader import SlideRejected, inspect_slide
 
     try:
-        info = inspect_slide(Path(path), max_pixels=max_pixels, mpp_override=mpp_override)
+        info = inspect_slide(
+            Path(path),
+            max_pixels=max_pixels,
+            mpp_override=mpp_override,
+            slide_mpp_override=slide_mpp_override,
+        )
     except SlideRejected as exc:
         return {"rejected": True, "code": exc.code, "reason": exc.reason}
     return {
@@ -170,6 +213,7 @@ class IngestHandler:
             version_id=stored.version_id,
             etag=stored.etag,
         )
+        slide_mpp = lookup_override(self.ctx.db, slide_id, [notice.key])
         try:
             result = self.isolated.run(
                 f"opening {notice.key}",
@@ -177,6 +221,7 @@ class IngestHandler:
                 str(path),
                 settings.max_slide_pixels,
                 settings.mpp_override,
+                slide_mpp.mpp if slide_mpp is not None else 0.0,
             )
         except PermanentError as exc:  # the decoder crashed or ran out of memory: reject, don't crash-loop
             return [self._rejected(slide_id, notice, source, exc.code, exc.reason)]
@@ -185,7 +230,7 @@ class IngestHandler:
         if result["rejected"]:
             reason = str(result["reason"]).replace(path.name, notice.key)
             return [self._rejected(slide_id, notice, source, str(result["code"]), reason)]
-        profile = self.ctx.current_profile()
+        profile = self.ctx.current_profile(slide_mpp_override=slide_mpp.mpp if slide_mpp is not None else 0.0)
         metadata = pb.SlideMetadata(
             vendor=result["vendor"],
             width=result["width"],
@@ -199,16 +244,13 @@ class IngestHandler:
             associated_images=result["associated_images"],
             file_size=result["file_size"],
         )
-        event = pb.SlideIngested(
-            meta=new_meta(
-                service=SERVICE,
-                slide_id=slide_id,
-                event_parts=["ingested", notice.bucket, notice.key, stored.etag, profile.profile_id],
-            ),
+        ingested = build_slide_ingested(
+            slide_id=slide_id,
             source=source,
             upload_key=notice.key,
             metadata=metadata,
             profile=profile,
+            event_parts=["ingested", notice.bucket, notice.key, stored.etag, profile.profile_id],
             additional_source=self._known_under_other_key(slide_id, notice.key),
         )
         log.info(
@@ -217,8 +259,11 @@ class IngestHandler:
             vendor=metadata.vendor,
             width=metadata.width,
             height=metadata.height,
+            mpp=metadata.mpp_x,
+            mpp_source=metadata.mpp_source,
+            **({"slide_mpp_override_ref": slide_mpp.slide_ref} if slide_mpp is not None else {}),
         )
-        return [Outgoing(SLIDES_INGESTED, slide_id, event)]
+        return [ingested]
 
     def _known_under_other_key(self, slide_id: str, key: str) -> bool:
         rows = self.ctx.db.execute(

@@ -8,7 +8,8 @@ ingest is idempotent) and never zero times. Only one replica polls at a time (an
 Reconciler: the local broker forgets everything when it restarts, and any broker can lose an event
 to an operator's mistake; PostgreSQL and the object store keep the truth. Slides the recorder knows
 as unfinished whose progress stalled, and announced uploads that never became a slide, are
-announced again. Downstream stages reuse what they already stored, so a re-drive is cheap.
+announced again (a slide whose current run came from ``wsi reprocess`` gets that run's
+``SlideIngested`` again instead). Downstream stages reuse what they already stored, so a re-drive is cheap.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from wsitk.services.ingest.handler import make_bucket_event
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
+from wsitk.shared.corrections import reannounce_reprocessed
 from wsitk.shared.logging import get_logger
 from wsitk.shared.topics import BUCKET_EVENTS
 
@@ -67,18 +69,25 @@ def reconcile(ctx: ServiceContext, produce: Produce, stalled_after_s: float) -> 
     """Re-announce unfinished slides and announced-but-never-ingested uploads. Returns the count."""
     rows = ctx.db.execute(
         """
-        SELECT DISTINCT ON (s.slide_id) src.bucket, src.upload_key, src.etag
+        SELECT DISTINCT ON (s.slide_id) src.bucket, src.upload_key, src.etag, s.slide_id,
+               coalesce(r.origin = 'reprocess', false)
         FROM slides s JOIN slide_sources src ON src.slide_id = s.slide_id
+        LEFT JOIN slide_runs r ON r.slide_id = s.slide_id AND r.tiling_run_id = s.tiling_run_id
         WHERE s.status <> ALL(%s) AND s.updated_at < now() - make_interval(secs => %s)
         UNION
-        SELECT p.bucket, p.object_key, p.etag FROM poller_seen_objects p
+        SELECT p.bucket, p.object_key, p.etag, NULL, false FROM poller_seen_objects p
         WHERE p.seen_at < now() - make_interval(secs => %s)
           AND NOT EXISTS (SELECT 1 FROM slide_sources src WHERE src.bucket = p.bucket AND src.upload_key = p.object_key)
         """,
         (list(TERMINAL_STATUSES), stalled_after_s, stalled_after_s),
     )
     outputs = []
-    for bucket, key, _etag in rows:
+    for bucket, key, _etag, slide_id, reprocessed in rows:
+        if reprocessed:  # its current run is `wsi reprocess`'s profile, not the one ingest would pin
+            again = reannounce_reprocessed(ctx, slide_id)
+            if again is not None:
+                outputs.append(again)
+                continue
         stored = ctx.store.stat(bucket, key)
         if stored is None:
             continue

@@ -4,6 +4,15 @@ A batch of events is written in one transaction, all upserts: a redelivered even
 but its audit row's ``deliveries`` count, which makes absorbed redeliveries visible. Status moves
 forward only (a late "ingested" never demotes a "predicted" slide). The recorder also enforces each
 slide's deadline: a slide stuck past ``WSI_SLIDE_DEADLINE_S`` is failed explicitly.
+
+A slide can be run more than once: ``wsi reprocess`` (or a re-upload after the profile changed)
+announces it with another profile, which is another tiling run. Every run is kept (``slide_runs``, in
+order of first appearance; its progress, QC summaries and predictions under its own tiling run id), and
+the newest is the slide's current run (``slides.tiling_run_id``). The first event of a new run makes it
+current and starts the slide over (status ``ingested``, reason cleared, deadline from now), so it ends
+``predicted`` (or failed) again by the new run's outcome. Events of older runs are still recorded (a
+late prediction is kept) but never move the status; a redelivered event of a known run never starts
+anything over.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from psycopg.types.json import Jsonb
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
-from wsitk.shared.contracts import new_meta, pb, to_json_dict
+from wsitk.shared.contracts import new_meta, pb, tiling_run_id, to_json_dict
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import END_TO_END_SECONDS, SLIDE_OUTCOMES, SLIDES_INGESTED
 from wsitk.shared.topics import SLIDES_FAILED
@@ -67,11 +76,86 @@ def _set_status(
     )
 
 
+def _run(
+    cur: psycopg.Cursor,
+    slide_id: str,
+    run_id: str,
+    profile: pb.PipelineProfile | None = None,
+    origin: str = "",
+    reason: str = "",
+) -> bool:
+    """Record the run an event belongs to; True when it is the slide's current run (module docstring).
+
+    The first event of a run the slide has not had makes it current, and a slide that already had
+    another run (or was rejected before any run) starts over as ``ingested``.
+    """
+    if not run_id:  # events without a run (a dead-lettered message's failure) concern the slide as a whole
+        return True
+    has_profile = profile is not None and bool(profile.profile_id)
+    cur.execute(
+        "INSERT INTO slide_runs (slide_id, tiling_run_id, profile_id, profile, origin, reason) "
+        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (slide_id, tiling_run_id) DO UPDATE SET "
+        "profile_id = coalesce(slide_runs.profile_id, EXCLUDED.profile_id), "
+        "profile = coalesce(slide_runs.profile, EXCLUDED.profile), "
+        "origin = CASE WHEN EXCLUDED.origin = 'reprocess' THEN 'reprocess' ELSE slide_runs.origin END, "
+        "reason = CASE WHEN slide_runs.reason = '' THEN EXCLUDED.reason ELSE slide_runs.reason END "
+        "RETURNING (xmax = 0) AS inserted",
+        (
+            slide_id,
+            run_id,
+            profile.profile_id if has_profile and profile is not None else None,
+            Jsonb(to_json_dict(profile)) if has_profile and profile is not None else None,
+            origin or "upload",
+            reason,
+        ),
+    )
+    row = cur.fetchone()
+    new_run = bool(row and row[0])
+    cur.execute("SELECT tiling_run_id, status FROM slides WHERE slide_id = %s", (slide_id,))
+    slide = cur.fetchone()
+    if slide is None:
+        return True  # the slide's first event: the writer creates the row, then _claim_run names the run
+    current, status = slide
+    if current == run_id:
+        return True
+    if not new_run:
+        return current is None and STATUS_RANK.get(status, 0) < 8
+    if current is None and STATUS_RANK.get(status, 0) < 8:
+        cur.execute("UPDATE slides SET tiling_run_id = %s WHERE slide_id = %s", (run_id, slide_id))
+        return True
+    # Another run (a reprocess), or a first run after a rejection: the slide starts over.
+    cur.execute(
+        "UPDATE slides SET status = 'ingested', reason_code = NULL, status_reason = NULL, stage = 'ingest', "
+        "finished_at = NULL, run_started_at = now(), updated_at = now(), tiling_run_id = %s, "
+        "shards_planned = NULL, total_tiles = NULL, tissue_area_mm2 = NULL WHERE slide_id = %s",
+        (run_id, slide_id),
+    )
+    log.info(
+        "slide starts another run", slide_id=slide_id, tiling_run_id=run_id, previous=current, origin=origin
+    )
+    return True
+
+
+def _claim_run(cur: psycopg.Cursor, slide_id: str, run_id: str) -> None:
+    """Name the current run on a slide row created by this event (no run named yet)."""
+    if run_id:
+        cur.execute(
+            "UPDATE slides SET tiling_run_id = %s WHERE slide_id = %s AND tiling_run_id IS NULL",
+            (run_id, slide_id),
+        )
+
+
 def _ingested(cur: psycopg.Cursor, e: pb.SlideIngested) -> None:
     cur.execute("SELECT 1 FROM slides WHERE slide_id = %s", (e.meta.slide_id,))
     if cur.fetchone() is None:
         _PENDING_METRICS.append(("ingested", "", ""))
+    run_id = tiling_run_id(e.meta.slide_id, e.profile)
+    if not _run(cur, e.meta.slide_id, run_id, e.profile, e.origin, e.reason):
+        _source(cur, e.meta.slide_id, e.source, e.upload_key)  # a late event of an earlier run: source only
+        return
     _set_status(cur, e.meta.slide_id, "ingested", "ingest")
+    _claim_run(cur, e.meta.slide_id, run_id)
+    _source(cur, e.meta.slide_id, e.source, e.upload_key)
     m = e.metadata
     cur.execute(
         "UPDATE slides SET vendor=%s, width=%s, height=%s, mpp=%s, mpp_source=%s, objective_power=%s, metadata=%s, "
@@ -91,7 +175,6 @@ def _ingested(cur: psycopg.Cursor, e: pb.SlideIngested) -> None:
             e.meta.slide_id,
         ),
     )
-    _source(cur, e.meta.slide_id, e.source, e.upload_key)
 
 
 def _source(cur: psycopg.Cursor, slide_id: str, source: pb.ObjectRef, upload_key: str) -> None:
@@ -109,7 +192,10 @@ def _rejected(cur: psycopg.Cursor, e: pb.SlideRejected) -> None:
 
 
 def _plan(cur: psycopg.Cursor, e: pb.TilePlan) -> None:
+    if not _run(cur, e.meta.slide_id, e.tiling_run_id, e.profile):
+        return
     _set_status(cur, e.meta.slide_id, "tiled", "tiler")
+    _claim_run(cur, e.meta.slide_id, e.tiling_run_id)
     cur.execute(
         "UPDATE slides SET tiling_run_id=%s, shards_planned=%s, total_tiles=%s, tissue_area_mm2=%s WHERE slide_id=%s",
         (e.tiling_run_id, len(e.shard_ids), e.total_tiles, e.tissue_area_mm2, e.meta.slide_id),
@@ -118,6 +204,7 @@ def _plan(cur: psycopg.Cursor, e: pb.TilePlan) -> None:
 
 def _progress(stage: str) -> Callable[[psycopg.Cursor, Any], None]:
     def record(cur: psycopg.Cursor, e: Any) -> None:
+        _run(cur, e.meta.slide_id, e.tiling_run_id, e.profile)
         detail = {"tiles": int(getattr(e, "tile_count", 0))}
         cur.execute(
             "INSERT INTO stage_progress (slide_id, tiling_run_id, stage, shard_id, event_id, detail) "
@@ -143,6 +230,7 @@ def _progress(stage: str) -> Callable[[psycopg.Cursor, Any], None]:
 
 
 def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
+    current = _run(cur, e.meta.slide_id, e.tiling_run_id)
     cur.execute(
         "INSERT INTO predictions (prediction_id, slide_id, tiling_run_id, model_version, backbone_id, label, "
         "probability, threshold, scores, tiles_scored, tiles_total, top_tiles, attention_ref, event_id, produced_at, "
@@ -169,19 +257,27 @@ def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
             Jsonb(to_json_dict(e.top_tiles_image)) if e.HasField("top_tiles_image") else None,
         ),
     )
+    if not current and e.origin != "rescore":  # an earlier run's prediction: kept, the status is not its
+        return
     cur.execute(
-        "SELECT extract(epoch FROM now() - first_seen_at) FROM slides WHERE slide_id = %s AND status <> 'predicted'",
+        "SELECT extract(epoch FROM now() - coalesce(run_started_at, first_seen_at)) FROM slides "
+        "WHERE slide_id = %s AND status <> 'predicted'",
         (e.meta.slide_id,),
     )
     row = cur.fetchone()
     if row is not None and row[0] is not None:
         _PENDING_METRICS.append(("latency", str(float(row[0])), ""))
     _set_status(cur, e.meta.slide_id, "predicted", "mil-scorer")
+    _claim_run(cur, e.meta.slide_id, e.tiling_run_id)
 
 
 def _failed(cur: psycopg.Cursor, e: pb.SlideFailed) -> None:
+    if not _run(cur, e.meta.slide_id, e.tiling_run_id):
+        log.info("failure of an earlier run recorded in the audit log only", slide_id=e.meta.slide_id)
+        return
     status = "no_tissue" if e.reason_code == "no-tissue" else "failed"
     _set_status(cur, e.meta.slide_id, status, e.stage, e.reason_code, e.reason)
+    _claim_run(cur, e.meta.slide_id, e.tiling_run_id)
 
 
 def _dead_letter(cur: psycopg.Cursor, e: pb.DeadLetter) -> None:
@@ -285,7 +381,7 @@ class RecorderHandler:
         deadline = self.ctx.settings.slide_deadline_s
         rows = self.ctx.db.execute(
             "SELECT slide_id, status, tiling_run_id FROM slides WHERE status IN ('ingested', 'tiled') "
-            "AND first_seen_at < now() - make_interval(secs => %s)",
+            "AND coalesce(run_started_at, first_seen_at) < now() - make_interval(secs => %s)",
             (deadline,),
         )
         outputs = []

@@ -22,7 +22,10 @@ MPP policy (micrometres per level-0 pixel; tiling is physical, never "a pyramid 
 ``openslide.mpp-x/y`` when present and plausible (source ``"properties"``); otherwise the objective
 power, ``mpp = 10 / power`` (source ``"objective-power"``: an approximation, 20x ~ 0.5 um/px and 40x ~
 0.25 um/px hold for common scanners to within about 10%); otherwise the operator's explicit
-``mpp_override`` (source ``"override"``, setting ``WSI_MPP_OVERRIDE``); otherwise rejection. Values
+``mpp_override`` (source ``"override"``, setting ``WSI_MPP_OVERRIDE``); otherwise rejection. A
+per-slide override a lab registered (``slide_override``, ``wsi mpp set``; profile field
+``slide_mpp_override``) comes before all of them (source ``"slide-override"``): it corrects a file
+whose own MPP is wrong as well as one that has none. Values
 outside ``PLAUSIBLE_MPP`` are ignored as not microscopic: a generic TIFF saved by an image editor
 carries a 72 dpi default that OpenSlide turns into 352.8 um/px, which is not a measurement.
 
@@ -114,7 +117,7 @@ class Mpp:
 
     x: float
     y: float
-    source: str  # "properties" | "objective-power" | "override"
+    source: str  # "properties" | "objective-power" | "override" | "slide-override"
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,21 @@ def _plausible(value: float, bounds: tuple[float, float]) -> bool:
     return bounds[0] <= value <= bounds[1]
 
 
-def mpp_for(slide_props: Mapping[str, str], override: float = 0.0, *, file_name: str = "slide") -> Mpp:
+def mpp_for(
+    slide_props: Mapping[str, str],
+    override: float = 0.0,
+    *,
+    file_name: str = "slide",
+    slide_override: float = 0.0,
+) -> Mpp:
     """Level-0 MPP by the documented policy (module docstring), or ``SlideRejected("no-mpp")``.
 
-    Shared by ingest and the tiler so that both always agree on the physical scale of a slide.
+    ``override`` fills in a missing MPP (``WSI_MPP_OVERRIDE``); ``slide_override`` (the lab's value for
+    this one slide) replaces whatever the file says. Shared by ingest and the tiler so that both always
+    agree on the physical scale of a slide.
     """
+    if slide_override > 0:
+        return Mpp(slide_override, slide_override, "slide-override")
     mpp_x = _parse_float(slide_props.get("openslide.mpp-x"))
     mpp_y = _parse_float(slide_props.get("openslide.mpp-y"))
     if (
@@ -181,8 +194,9 @@ def mpp_for(slide_props: Mapping[str, str], override: float = 0.0, *, file_name:
         )
     raise SlideRejected(
         "no-mpp",
-        f"{file_name} has {found} and no objective power; set WSI_MPP_OVERRIDE to the scan's resolution "
-        "or re-export it from the scanner software with resolution metadata.",
+        f"{file_name} has {found} and no objective power; register this slide's resolution with "
+        "`wsi mpp set` (then `wsi reprocess` it), set WSI_MPP_OVERRIDE for every such slide, or re-export "
+        "it from the scanner software with resolution metadata.",
     )
 
 
@@ -339,6 +353,7 @@ def inspect_slide(
     *,
     max_pixels: int,
     mpp_override: float = 0.0,
+    slide_mpp_override: float = 0.0,
     max_property_bytes: int = 1 << 20,
     allow_identifying: bool = False,
     max_field_bytes: int = 1 << 20,
@@ -379,7 +394,7 @@ def inspect_slide(
         _check_dimensions(path, levels, max_pixels, min_side_px)
         _probe_pixels(path, slide, levels)
         properties = dict(slide.properties)
-        mpp = mpp_for(properties, mpp_override, file_name=path.name)
+        mpp = mpp_for(properties, mpp_override, file_name=path.name, slide_override=slide_mpp_override)
         _check_field_sizes(path, properties, max_field_bytes)
         kept = kept_properties(properties, allow_identifying=allow_identifying)
         _check_metadata_size(path, kept, max_property_bytes)
