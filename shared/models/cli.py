@@ -23,18 +23,37 @@ if TYPE_CHECKING:
 def add_export_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "architecture",
-        help="a registered backbone (small-cnn, resnet50-trunc) or package.module:Factory returning a module",
-    )
-    parser.add_argument("out", type=Path, help="the ONNX file to write")
-    parser.add_argument("--weights", type=Path, default=None, help="local state-dict file (never downloaded)")
-    parser.add_argument("--input-size", type=int, default=224, help="tile size in pixels")
-    parser.add_argument(
-        "--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="default: ImageNet's"
+        nargs="?",
+        help="a registered encoder (uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, prov-gigapath, "
+        "phikon-v2, conch-v1.5, resnet50-trunc, small-cnn; --list describes them) or package.module:Factory",
     )
     parser.add_argument(
-        "--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="default: ImageNet's"
+        "out",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="the ONNX file to write; without it the file goes to the model directory and becomes the "
+        "pipeline's encoder (models.json)",
     )
-    parser.add_argument("--target-mpp", type=float, default=0.5, help="micrometres per pixel of the tiles")
+    parser.add_argument("--weights", type=Path, default=None, help="local checkpoint file (never downloaded)")
+    parser.add_argument(
+        "--activate", action="store_true", help="with OUT: also make it the pipeline's encoder (models.json)"
+    )
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: WSI_MODEL_DIR")
+    parser.add_argument("--list", action="store_true", help="print the encoder registry and exit")
+    parser.add_argument("--input-size", type=int, default=None, help="pixels (default: the registry's)")
+    parser.add_argument(
+        "--tile-size", type=int, default=None, help="pixels the tiler cuts (default: registry)"
+    )
+    parser.add_argument(
+        "--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="default: the registry's"
+    )
+    parser.add_argument(
+        "--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="default: the registry's"
+    )
+    parser.add_argument(
+        "--target-mpp", type=float, default=None, help="micrometres per pixel (default: the registry's)"
+    )
     parser.add_argument("--fp16", action="store_true", help="compute in half precision (for GPUs)")
     parser.add_argument(
         "--uint8-input", action="store_true", help="take raw uint8 NHWC tiles, normalise inside the graph"
@@ -42,28 +61,82 @@ def add_export_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed when there are no weights")
 
 
-def cli_export_backbone(args: argparse.Namespace) -> int:
-    """Export, validate against torch on tissue-like tiles, print what was written and how close it is."""
-    from wsitk.shared.models.export import IMAGENET_MEAN, IMAGENET_STD, export_backbone
+def _print_registry() -> None:
+    from wsitk.shared.models.encoders import ENCODERS
 
-    info = export_backbone(
-        args.architecture,
-        args.out,
-        weights=args.weights,
-        input_size=args.input_size,
-        mean=args.mean or IMAGENET_MEAN,
-        std=args.std or IMAGENET_STD,
-        target_mpp=args.target_mpp,
-        fp16=args.fp16,
-        input_format="uint8-nhwc" if args.uint8_input else "float32-nchw",
-        seed=args.seed,
-    )
+    for spec in ENCODERS.values():
+        print(
+            f"{spec.name}: {spec.title}\n  architecture: {spec.architecture}\n  file: {spec.files} "
+            f"[{spec.layout} layout; licence: {spec.licence}]\n  tiles: {spec.tile_size} px at "
+            f"{spec.target_mpp} um/px -> {spec.input_size} px; mean {spec.mean}, std {spec.std}\n"
+            f"  output: {spec.pooling} ({spec.output_dim}-d)"
+        )
+
+
+def cli_export_backbone(args: argparse.Namespace) -> int:
+    """Export, validate against torch on tissue-like tiles, print what was written and how close it is;
+    without OUT (or with --activate) register the file as the pipeline's encoder in ``models.json``."""
+    if args.list:
+        _print_registry()
+        return 0
+    if not args.architecture:
+        print("wsi model export-backbone: give an encoder name (see --list)", file=sys.stderr)
+        return 2
+    from wsitk.shared.models.encoders import ENCODERS, CheckpointError
+    from wsitk.shared.models.export import export_backbone
+
+    activate = args.out is None or args.activate
+    model_dir = args.model_dir
+    if activate and model_dir is None:
+        from wsitk.shared.config import load_settings
+
+        model_dir = Path(load_settings().model_dir)
+    safe_name = args.architecture.replace(":", "-").replace("/", "-")
+    out = args.out if args.out is not None else model_dir / f"backbone-{safe_name}.onnx"
+    if args.architecture in ENCODERS and ENCODERS[args.architecture].vit is not None and args.weights is None:
+        print(
+            f"note: no --weights: exporting {args.architecture} with random weights (for testing only)",
+            file=sys.stderr,
+        )
+    try:
+        info = export_backbone(
+            args.architecture,
+            out,
+            weights=args.weights,
+            input_size=args.input_size,
+            tile_size=args.tile_size,
+            mean=args.mean,
+            std=args.std,
+            target_mpp=args.target_mpp,
+            fp16=args.fp16,
+            input_format="uint8-nhwc" if args.uint8_input else "float32-nchw",
+            seed=args.seed,
+        )
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"wsi model export-backbone: {exc}", file=sys.stderr)
+        return 1
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(info).items()}
     print(json.dumps(summary, indent=2))
     print(
         f"validated against torch on {info.validation_tiles} tissue-like tiles: max abs difference "
         f"{info.max_abs_diff:.3g}, max relative {info.max_rel_diff:.3g} (limit {info.tolerance:g})"
     )
+    if activate:
+        from wsitk.shared.models.defaults import register_backbone
+
+        manifest = register_backbone(model_dir, info)
+        print(
+            f"registered {info.backbone_id} as the pipeline's encoder in {model_dir / 'models.json'}: new "
+            f"slides are tiled at {info.tile_size} px, {info.target_mpp} um/px and embedded to "
+            f"{info.output_dim}-d features"
+        )
+        mil_backbone = manifest.get("mil", {}).get("backbone_id")
+        if mil_backbone != info.backbone_id:
+            print(
+                f"the shipped MIL model was trained on {mil_backbone or 'another encoder'}'s embeddings and "
+                "will not score these: embed a labelled cohort, then train and register a MIL model "
+                "(wsi train, wsi model register --promote)"
+            )
     return 0
 
 

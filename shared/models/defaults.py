@@ -28,9 +28,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from wsitk.shared.models.export import BackboneInfo
 
 BACKBONE_FILE = "backbone-small-cnn.onnx"
 MIL_FILE = "mil-default.onnx"
@@ -91,6 +94,43 @@ def load_manifest(model_dir: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def register_backbone(model_dir: Path, info: BackboneInfo) -> dict[str, Any]:
+    """Make an exported backbone the pipeline's encoder: ``models.json``'s ``backbone`` entry.
+
+    The entry carries the encoder's tile size and MPP, which the pipeline profile of new slides takes
+    (``ServiceContext.current_profile``); the embedder opens the file it names. The entry it replaces is
+    kept under ``previous_backbones``; the MIL entry is left alone (a MIL model trained on another
+    encoder's embeddings refuses slides embedded by this one, by backbone id).
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(model_dir) or {}
+    path = Path(info.path)
+    try:
+        relative = str(path.resolve().relative_to(model_dir.resolve()))
+    except ValueError:
+        relative = str(path.resolve())
+    previous = manifest.get("backbone")
+    if previous and previous.get("backbone_id") != info.backbone_id:
+        manifest["previous_backbones"] = [previous, *manifest.get("previous_backbones", [])][:8]
+    manifest["backbone"] = {
+        "path": relative,
+        "sha256": info.sha256,
+        "backbone_id": info.backbone_id,
+        "encoder": info.encoder or info.architecture,
+        "input_size": info.input_size,
+        "tile_size": info.tile_size or info.input_size,
+        "target_mpp": info.target_mpp,
+        "output_dim": info.output_dim,
+        "weights_source": info.weights_source,
+        "weights_sha256": info.weights_sha256,
+        "fp16": info.fp16,
+        "input_format": info.input_format,
+    }
+    _atomic_write_text(model_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def _is_complete(model_dir: Path, manifest: dict[str, Any], wanted: dict[str, Any]) -> bool:

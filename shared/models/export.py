@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 from wsitk.shared.models.backbones import BACKBONES, load_state_dict_file
+from wsitk.shared.models.encoders import ENCODERS, build_encoder
 from wsitk.shared.models.runtime import create_session, preprocess_tiles, sha256_file
 
 OPSET = 17
@@ -40,6 +42,9 @@ FP32_TOLERANCE = 1e-3  # max |onnx - torch| relative to max |torch|
 FP16_TOLERANCE = 5e-2
 MIL_CHECK_SIZES = (1, 5, 5000)
 INPUT_FORMATS = ("float32-nchw", "uint8-nhwc")
+# Above this many bytes of parameters the weights go to one ``<model>.onnx.data`` file beside the graph
+# (a protobuf cannot exceed 2 GiB: Virchow2, UNI2-h, H-optimus and Prov-GigaPath in fp32 are larger).
+EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 class ExportValidationError(RuntimeError):
@@ -70,6 +75,9 @@ class BackboneInfo:
     max_rel_diff: float
     tolerance: float
     validation_tiles: int
+    encoder: str = ""
+    tile_size: int = 0
+    external_data: str = ""
 
     def metadata(self) -> dict[str, Any]:
         """The ONNX metadata of the file, as ``runtime.read_model_metadata`` reads it back."""
@@ -108,7 +116,11 @@ def _backbone_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
         "seed",
         "weights_state_sha256",
     )
-    return {"kind": "backbone", "metadata_version": 1, **{k: values[k] for k in keys}}
+    metadata = {"kind": "backbone", "metadata_version": 1, **{k: values[k] for k in keys}}
+    for optional in ("encoder", "tile_size"):  # registry encoders only: older files stay as they were
+        if values.get(optional):
+            metadata[optional] = values[optional]
+    return metadata
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -143,6 +155,23 @@ def _staged_output(out_path: Path) -> Iterator[Path]:
         staged.unlink(missing_ok=True)
 
 
+@contextmanager
+def _staged_directory(out_path: Path) -> Iterator[Path]:
+    """``DIR/<out name>`` in a temporary directory beside ``out_path``; on success the file, and its
+    ``.data`` file when the weights are stored externally, are moved into place (data first)."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
+    staged = directory / out_path.name
+    try:
+        yield staged
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():
+            os.replace(data, out_path.with_name(out_path.name + ".data"))
+        os.replace(staged, out_path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _write_metadata(path: Path, metadata: Mapping[str, Any]) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
@@ -154,13 +183,25 @@ def _write_metadata(path: Path, metadata: Mapping[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
-def _resolve_backbone(name_or_import_path: str, weights: Path | None, seed: int) -> tuple[str, nn.Module]:
-    """(short name, module in eval mode) for a registry name or ``package.module:Factory``."""
+def _resolve_backbone(
+    name_or_import_path: str, weights: Path | None, seed: int, *, input_size: int | None = None
+) -> tuple[str, nn.Module]:
+    """(short name, module in eval mode) for a registry name or ``package.module:Factory``.
+
+    ``input_size`` fixes a vision transformer's input size (its position embedding is interpolated
+    once when the size differs from the stored grid); convolutional networks take any size.
+    """
+    if name_or_import_path in ENCODERS:
+        model = build_encoder(name_or_import_path, weights, seed)
+        set_size = getattr(model, "set_input_size", None)
+        if input_size is not None and callable(set_size):
+            set_size(input_size)
+        return name_or_import_path, model
     if name_or_import_path in BACKBONES:
         return name_or_import_path, BACKBONES[name_or_import_path].build(weights, seed)
     if ":" not in name_or_import_path:
         raise ValueError(
-            f"unknown backbone {name_or_import_path!r}: use one of {sorted(BACKBONES)} or an import path "
+            f"unknown backbone {name_or_import_path!r}: use one of {sorted(ENCODERS)} or an import path "
             "'package.module:Factory' whose Factory() returns a torch.nn.Module"
         )
     module_name, _, attribute = name_or_import_path.partition(":")
@@ -223,23 +264,98 @@ def _validation_tiles(input_size: int, target_mpp: float, seed: int) -> np.ndarr
     return np.stack([render_patch(kind, input_size, target_mpp, rng) for kind in kinds]).astype(np.uint8)
 
 
+def _preprocessing_defaults(
+    name: str,
+    input_size: int | None,
+    tile_size: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    target_mpp: float | None,
+) -> tuple[int, int, Sequence[float], Sequence[float], float]:
+    """Unset preprocessing from the encoder registry (ImageNet, 224 px, 0.5 um/px for other modules)."""
+    spec = ENCODERS.get(name)
+    size = input_size or (spec.input_size if spec else 224)
+    if tile_size is None:
+        tile_size = spec.tile_size if spec is not None and size == spec.input_size else size
+    return (
+        size,
+        tile_size,
+        mean if mean is not None else (spec.mean if spec else IMAGENET_MEAN),
+        std if std is not None else (spec.std if spec else IMAGENET_STD),
+        target_mpp if target_mpp is not None else (spec.target_mpp if spec else 0.5),
+    )
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _save_with_metadata(raw: Path, staged: Path, metadata: Mapping[str, Any], external: bool) -> None:
+    """Write the exported graph with its metadata to ``staged``; weights in ``<staged>.data`` if external."""
+    model = onnx.load(str(raw))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = json.dumps(value)
+    if external:
+        onnx.save_model(
+            model,
+            str(staged),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=f"{staged.name}.data",
+            size_threshold=1024,
+        )
+        onnx.checker.check_model(str(staged))
+    else:
+        onnx.checker.check_model(model)
+        onnx.save(model, str(staged))
+
+
+def _compare_with_torch(
+    path: Path, model_input: np.ndarray, reference: np.ndarray, tolerance: float, name: str
+) -> tuple[float, float]:
+    """(max abs, max relative) difference of ONNX Runtime (CPU) to torch on batches of all and one."""
+    session = create_session(path, prefer=("CPUExecutionProvider",))
+    max_abs = 0.0
+    for sub_batch, expected in ((model_input, reference), (model_input[:1], reference[:1])):
+        (got,) = session.run(["features"], {"tiles": sub_batch})
+        if got.shape != expected.shape:
+            raise ExportValidationError(f"ONNX output shape {got.shape} != torch {expected.shape}")
+        max_abs = max(max_abs, float(np.max(np.abs(got - expected))))
+    max_rel = max_abs / max(float(np.max(np.abs(reference))), 1e-12)
+    if not max_rel <= tolerance:
+        raise ExportValidationError(
+            f"ONNX export of {name} differs from torch by {max_rel:.2e} (relative; limit "
+            f"{tolerance:.0e}); the file was not written. A custom layer may not export faithfully: "
+            f"check it with opset {OPSET}, or export without fp16"
+        )
+    return max_abs, max_rel
+
+
 def export_backbone(
     name_or_import_path: str,
     out_path: Path,
     *,
     weights: Path | None = None,
-    input_size: int = 224,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    target_mpp: float = 0.5,
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    target_mpp: float | None = None,
+    tile_size: int | None = None,
     fp16: bool = False,
     input_format: str = "float32-nchw",
     seed: int = 0,
 ) -> BackboneInfo:
     """Export a tile encoder to ONNX (input ``tiles`` float32 [N,3,S,S], output ``features`` [N,D]).
 
-    ``weights`` is a local state-dict file (nothing is ever downloaded); without it the backbone's seeded
-    random initialisation is exported, which is what the ``small-cnn`` baseline is meant to be. The
+    ``name_or_import_path``: an encoder of the registry (``encoders.ENCODERS``: UNI, UNI2-h, Virchow2,
+    H-optimus-0/1, Prov-GigaPath, Phikon-v2, CONCH v1.5, ResNet50, the small CNN) or ``module:Factory``.
+    ``weights`` is a local checkpoint (nothing is ever downloaded), checked strictly against the
+    encoder's layout; without it the seeded random initialisation is exported, which is what the
+    ``small-cnn`` baseline is meant to be. Unset ``input_size``, ``tile_size``, ``mean``, ``std`` and
+    ``target_mpp`` come from the registry (224 px, ImageNet, 0.5 um/px for a module outside it). The
     ``backbone_id`` hashes the weights *and* the preprocessing (size, mean, std, MPP, precision), because
     any of them changes the embeddings. ``fp16=True`` makes the network compute in half precision behind a
     float32 interface: worth it on a GPU; ONNX Runtime's CPU provider runs it too, but about 30 % slower
@@ -247,35 +363,41 @@ def export_backbone(
     graph, so the model takes raw uint8 tiles (the best choice for a GPU). The export
     is checked on the CPU provider against the float32 torch model with batches of 6 and 1 (the batch axis
     is dynamic) on tissue-like tiles, and refused above a relative error of 1e-3 (fp32) or 5e-2 (fp16);
-    ``max_abs_diff`` and ``max_rel_diff`` of the result report the agreement.
+    ``max_abs_diff`` and ``max_rel_diff`` of the result report the agreement. Models with more than
+    ``EXTERNAL_DATA_BYTES`` of weights keep them in ``<out>.data`` beside the graph.
     """
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
-    if input_size < 16:
-        raise ValueError(f"input_size {input_size} is too small for a tile encoder")
+    size, tile_px, mean, std, mpp = _preprocessing_defaults(
+        name_or_import_path, input_size, tile_size, mean, std, target_mpp
+    )
+    if size < 16:
+        raise ValueError(f"input_size {size} is too small for a tile encoder")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"mean and std need three values per RGB channel, std > 0; got {mean}, {std}")
     mean3 = (float(mean[0]), float(mean[1]), float(mean[2]))
     std3 = (float(std[0]), float(std[1]), float(std[2]))
-    name, model = _resolve_backbone(name_or_import_path, weights, seed)
+    name, model = _resolve_backbone(name_or_import_path, weights, seed, input_size=size)
     weights_digest = state_dict_sha256(model)
-    preprocessing = {
-        "input_size": input_size,
+    preprocessing: dict[str, Any] = {
+        "input_size": size,
         "mean": mean3,
         "std": std3,
-        "target_mpp": target_mpp,
+        "target_mpp": mpp,
         "fp16": fp16,
     }
     if input_format != "float32-nchw":  # only then, so that earlier exports keep their ids
         preprocessing["input_format"] = input_format
+    if tile_px != size:  # tiles cut at another size and resized change the embeddings
+        preprocessing["tile_size"] = tile_px
     fingerprint = hashlib.sha256(f"{weights_digest}|{json.dumps(preprocessing)}".encode()).hexdigest()
     if weights is not None:
         weights_source, weights_sha256 = Path(weights).name, sha256_file(weights)
     else:
         weights_source, weights_sha256 = f"random-init(seed={seed})", weights_digest
 
-    tiles = _validation_tiles(input_size, target_mpp, seed)
-    batch = preprocess_tiles(tiles, input_size, mean3, std3)
+    tiles = _validation_tiles(size, mpp, seed)
+    batch = preprocess_tiles(tiles, size, mean3, std3)
     with torch.no_grad():
         reference = model(torch.from_numpy(batch)).numpy()
     if reference.ndim != 2:
@@ -287,14 +409,16 @@ def export_backbone(
     if input_format == "uint8-nhwc":
         exported, model_input = _Uint8Interface(exported, mean3, std3).eval(), tiles
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    external = _parameter_bytes(exported) > EXTERNAL_DATA_BYTES
 
     out_path = Path(out_path)
-    with _staged_output(out_path) as staged:
+    with _staged_directory(out_path) as staged:
+        raw = staged.with_name("raw.onnx")
         with _quiet_legacy_exporter(), torch.no_grad():
             torch.onnx.export(
                 exported,
                 (torch.from_numpy(model_input[:2]),),
-                str(staged),
+                str(raw),
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=["tiles"],
@@ -305,10 +429,10 @@ def export_backbone(
             "path": out_path,
             "name": name,
             "backbone_id": f"{name}-{fingerprint[:12]}",
-            "input_size": input_size,
+            "input_size": size,
             "mean": mean3,
             "std": std3,
-            "target_mpp": float(target_mpp),
+            "target_mpp": float(mpp),
             "output_dim": int(reference.shape[1]),
             "weights_source": weights_source,
             "weights_sha256": weights_sha256,
@@ -317,23 +441,15 @@ def export_backbone(
             "architecture": name_or_import_path,
             "seed": seed,
             "weights_state_sha256": weights_digest,
+            "encoder": name_or_import_path if name_or_import_path in ENCODERS else "",
+            "tile_size": tile_px,
+            "external_data": f"{out_path.name}.data" if external else "",
         }
-        _write_metadata(staged, _backbone_metadata(info_values))
-        session = create_session(staged, prefer=("CPUExecutionProvider",))
-        max_abs = 0.0
-        for sub_batch, expected in ((model_input, reference), (model_input[:1], reference[:1])):
-            (got,) = session.run(["features"], {"tiles": sub_batch})
-            if got.shape != expected.shape:
-                raise ExportValidationError(f"ONNX output shape {got.shape} != torch {expected.shape}")
-            max_abs = max(max_abs, float(np.max(np.abs(got - expected))))
-        max_rel = max_abs / max(float(np.max(np.abs(reference))), 1e-12)
-        if not max_rel <= tolerance:
-            raise ExportValidationError(
-                f"ONNX export of {name} differs from torch by {max_rel:.2e} (relative; limit "
-                f"{tolerance:.0e}); the file was not written. A custom layer may not export faithfully: "
-                f"check it with opset {OPSET}, or export without fp16"
-            )
-        del session
+        _save_with_metadata(raw, staged, _backbone_metadata(info_values), external)
+        for leftover in staged.parent.iterdir():  # the exporter's per-tensor files of a large model
+            if leftover.name not in {staged.name, f"{staged.name}.data"}:
+                leftover.unlink()
+        max_abs, max_rel = _compare_with_torch(staged, model_input, reference, tolerance, name)
     return BackboneInfo(
         **info_values,
         sha256=sha256_file(out_path),

@@ -71,7 +71,12 @@ class TorchBackboneRunner:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
         weights = self._weights_file(weights_dir or self.path.parent)
-        _, model = _resolve_backbone(str(self.metadata["architecture"]), weights, int(self.metadata["seed"]))
+        _, model = _resolve_backbone(
+            str(self.metadata["architecture"]),
+            weights,
+            int(self.metadata["seed"]),
+            input_size=self.input_size,
+        )
         if state_dict_sha256(model) != self.metadata["weights_state_sha256"]:
             raise ValueError(
                 f"the network rebuilt from {self.metadata['architecture']} "
