@@ -115,24 +115,25 @@ def test_fp16_uint8_export_of_a_vit_agrees_and_big_models_store_weights_external
     )
 
 
+@pytest.mark.parametrize("family", VIT_FAMILIES)
 def test_a_shard_is_embedded_end_to_end_with_a_registered_encoder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from wsitk.services.embedder.engine import EmbeddingEngine, ShardEmbedded, ShardJob
     from wsitk.shared.objectstore import FilesystemObjectStore
     from wsitk.shared.shards import Shard, ShardTile, encode_jpeg, pack_shard
     from wsitk.shared.slides.synth import render_patch
 
-    spec = _reduced("conch-v1.5", monkeypatch)  # 512 px tiles, resized to 448 by the embedder
+    spec = _reduced(family, monkeypatch)  # CONCH: 512 px tiles, resized to 448 by the embedder
     weights, _ = _write_checkpoint(spec, tmp_path)
-    info = export_backbone(spec.name, tmp_path / "conch.onnx", weights=weights, input_format="uint8-nhwc")
+    info = export_backbone(spec.name, tmp_path / "encoder.onnx", weights=weights, input_format="uint8-nhwc")
     store = FilesystemObjectStore(tmp_path / "store")
     rng = np.random.default_rng(0)
     tiles = [
         render_patch(kind, spec.tile_size, spec.target_mpp, rng) for kind in ("normal", "tumour", "normal")
     ]
-    entries = [ShardTile(x=512 * i, y=0, data=encode_jpeg(tile)) for i, tile in enumerate(tiles)]
-    header = {"tile_size": spec.tile_size, "mpp": spec.target_mpp, "tile_size_level0": 1024.0}
+    entries = [ShardTile(x=spec.tile_size * i, y=0, data=encode_jpeg(tile)) for i, tile in enumerate(tiles)]
+    header = {"tile_size": spec.tile_size, "mpp": spec.target_mpp, "tile_size_level0": 2.0 * spec.tile_size}
     store.put_if_absent("art", "tiles/s/run/s0.shard", pack_shard(header, entries))
     runner = BackboneRunner(info.path, batch_size=2, prefer=("CPUExecutionProvider",))
     with EmbeddingEngine(runner, store, artifacts_bucket="art", decode_workers=1) as engine:
