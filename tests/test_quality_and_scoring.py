@@ -35,3 +35,43 @@ def test_tile_cap_keeps_everything_below_it_and_a_stable_sample_above() -> None:
     )
     assert len(first) == 100 and len(set(first.tolist())) == 100
     assert first.tolist() == again.tolist() and first.tolist() != other.tolist()
+
+
+def _mucin(base_od: tuple[float, float, float], wisps: float, size: int = 224) -> np.ndarray:
+    """Mucin-like tile: pale, smoothly varying blue-grey, with or without faint fibrillar wisps."""
+    rng = np.random.default_rng(0)
+    smooth = ndimage.gaussian_filter(rng.standard_normal((size, size)), 16)
+    smooth /= smooth.std()
+    base = np.asarray(base_od)
+    od = base[None, None, :] * (1 + 0.2 * smooth[..., None])
+    strands = np.zeros((size, size))
+    t = np.linspace(0, 1, 400)
+    for _ in range(25):
+        x0, y0 = rng.uniform(0, size, 2)
+        angle, bend = rng.uniform(0, 2 * np.pi), rng.uniform(-3, 3)
+        xs = (x0 + np.cos(angle) * t * 120 + bend * np.sin(t * 6) * 5).astype(int)
+        ys = (y0 + np.sin(angle) * t * 120 + bend * np.cos(t * 6) * 5).astype(int)
+        inside = (xs >= 0) & (xs < size) & (ys >= 0) & (ys < size)
+        strands[ys[inside], xs[inside]] = 1
+    strands = ndimage.gaussian_filter(strands, 0.7)
+    od = od + wisps * (strands / strands.max())[..., None] * base / base.max()
+    image = 243 * 10 ** (-od) + rng.normal(0, 1.5, od.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def test_smooth_mucin_and_pale_stroma_are_not_blur_but_defocus_is() -> None:
+    from wsitk.services.quality_filter.measures import QcThresholds
+    from wsitk.shared.slides.optical import Background
+
+    glass = Background((243.0, 243.0, 243.0), 0.005)
+    limits = QcThresholds()
+    for base in ((0.1, 0.08, 0.04), (0.2, 0.16, 0.08), (0.3, 0.25, 0.12)):
+        assert assess(_mucin(base, wisps=0.05), limits, glass, 0.5)[:2] == (True, ""), base
+    # Pale and textureless: nothing to judge, so not blur either.
+    assert assess(_mucin((0.1, 0.08, 0.04), wisps=0.0), limits, glass, 0.5)[:2] == (True, "")
+    # The same dense region with every detail gone reads as defocus (documented limit of the rule).
+    assert assess(_mucin((0.3, 0.25, 0.12), wisps=0.0), limits, glass, 0.5)[1] == "blur"
+    tissue = render_patch("tumour", 224, 0.5, np.random.default_rng(3))
+    for sigma in (1.0, 2.0, 4.0, 8.0):
+        defocused = ndimage.gaussian_filter(tissue.astype(np.float32), sigma=(sigma, sigma, 0))
+        assert assess(np.clip(defocused, 0, 255).astype(np.uint8), limits, glass, 0.5)[1] == "blur", sigma
