@@ -75,3 +75,20 @@ def test_smooth_mucin_and_pale_stroma_are_not_blur_but_defocus_is() -> None:
     for sigma in (1.0, 2.0, 4.0, 8.0):
         defocused = ndimage.gaussian_filter(tissue.astype(np.float32), sigma=(sigma, sigma, 0))
         assert assess(np.clip(defocused, 0, 255).astype(np.uint8), limits, glass, 0.5)[1] == "blur", sigma
+
+
+def test_tiles_measured_together_get_the_measures_they_get_alone() -> None:
+    """No morphology, region or reduction crosses from one tile of a batch to the next."""
+    from wsitk.services.quality_filter.measures import measure, measure_batch
+    from wsitk.shared.slides.optical import Background
+
+    rng = np.random.default_rng(5)
+    glass = Background((240.0, 240.0, 240.0), 0.005)
+    tiles = [render_patch(kind, 224, 0.5, rng) for kind in ("normal", "tumour", "background", "tumour")]
+    inked = tiles[1].copy()
+    inked[:, :60] = (35, 65, 175)  # ink touching the right edge of the tile before it in the stack
+    tiles.insert(2, inked)
+    tiles.append(np.full((224, 224, 3), 240, np.uint8))  # bare glass: one large empty region
+    batch = measure_batch(np.stack(tiles), glass, 0.5)
+    assert batch == [measure(tile, glass, 0.5) for tile in tiles]
+    assert batch[2]["pen_fraction"] > 0.2 and batch[1].get("pen_fraction") == 0.0

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from wsitk.services.quality_filter.measures import QcThresholds, assess, decide, measure
+from wsitk.services.quality_filter.measures import QcThresholds, assess, decide, measure, measure_batch
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
@@ -27,7 +27,17 @@ from wsitk.shared.slides.optical import Background
 from wsitk.shared.topics import QC_RESULTS
 
 SERVICE = "quality-filter"
-__all__ = ["QcThresholds", "QualityFilterHandler", "accepted_indices", "assess", "decide", "measure"]
+#: Tiles decoded and measured together (memory: about 0.6 MB per 224 px tile while measured).
+QC_BATCH_TILES = 16
+__all__ = [
+    "QcThresholds",
+    "QualityFilterHandler",
+    "accepted_indices",
+    "assess",
+    "decide",
+    "measure",
+    "measure_batch",
+]
 
 
 class QualityFilterHandler:
@@ -78,12 +88,20 @@ class QualityFilterHandler:
         limits = QcThresholds.from_profile(event.profile)
         background = Background.from_dict(shard.header.get("background"))
         mpp = float(shard.header.get("mpp") or event.profile.target_mpp or 0.5)
-        for _, tile in shard.iter_decoded():
-            ok, reason, metrics = assess(tile, limits, background, mpp)
-            accepted.append(ok)
-            per_tile.append(metrics)
-            if not ok:
-                reasons[reason] += 1
+        for start in range(0, len(shard), QC_BATCH_TILES):
+            tiles = [
+                tile for _, tile in shard.iter_decoded(range(start, min(start + QC_BATCH_TILES, len(shard))))
+            ]
+            if len({tile.shape for tile in tiles}) == 1:
+                measured = measure_batch(np.stack(tiles), background, mpp)
+            else:  # tiles of one shard have one size; measure one at a time if a writer did otherwise
+                measured = [measure(tile, background, mpp) for tile in tiles]
+            for metrics in measured:
+                ok, reason = decide(metrics, limits)
+                accepted.append(ok)
+                per_tile.append(metrics)
+                if not ok:
+                    reasons[reason] += 1
         TILES.labels(SERVICE, "accepted").inc(sum(accepted))
         TILES.labels(SERVICE, "rejected").inc(len(accepted) - sum(accepted))
         return {

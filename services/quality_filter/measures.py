@@ -98,52 +98,39 @@ class QcThresholds:
 
 
 def _halve(image: NDArray[Any]) -> NDArray[np.float32]:
-    """2 x 2 block means (odd last row/column dropped)."""
-    height, width = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
-    view = np.asarray(image[:height, :width], dtype=np.float32)
-    return (view[0::2, 0::2] + view[1::2, 0::2] + view[0::2, 1::2] + view[1::2, 1::2]) * 0.25
-
-
-def _laplacian_variance(grey: NDArray[np.float32], where: NDArray[np.bool_] | None = None) -> float:
-    lap = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4.0 * grey[1:-1, 1:-1]
-    if where is not None:
-        inner = where[1:-1, 1:-1]
-        if int(inner.sum()) < 16:
-            return 0.0
-        return float(lap[inner].var())
-    return float(lap.var())
+    """2 x 2 block means over the last two image axes of a stack [N, H, W(, C)] (odd edges dropped)."""
+    height, width = image.shape[1] // 2 * 2, image.shape[2] // 2 * 2
+    view = np.asarray(image[:, :height, :width], dtype=np.float32)
+    return (view[:, 0::2, 0::2] + view[:, 1::2, 0::2] + view[:, 0::2, 1::2] + view[:, 1::2, 1::2]) * 0.25
 
 
 def _laplacian(grey: NDArray[np.float32]) -> NDArray[np.float32]:
-    """4-neighbour Laplacian, zero on the one-pixel border."""
+    """4-neighbour Laplacian of each image of a stack [N, H, W], zero on the one-pixel border."""
     lap = np.zeros_like(grey)
-    lap[1:-1, 1:-1] = (
-        grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4.0 * grey[1:-1, 1:-1]
+    lap[:, 1:-1, 1:-1] = (
+        grey[:, :-2, 1:-1]
+        + grey[:, 2:, 1:-1]
+        + grey[:, 1:-1, :-2]
+        + grey[:, 1:-1, 2:]
+        - 4.0 * grey[:, 1:-1, 1:-1]
     )
     return lap
 
 
-def _block_variance(image: NDArray[np.float32], blocks: int) -> NDArray[np.float32]:
-    """Variance of each of ``blocks`` x ``blocks`` equal blocks (a remainder at the edges is left out)."""
-    side = min(image.shape) // blocks
-    view = image[1 : 1 + side * blocks - 2, 1 : 1 + side * blocks - 2] if side > 4 else image
-    side = view.shape[0] // blocks
-    view = view[: side * blocks, : side * blocks].reshape(blocks, side, blocks, side)
-    return np.asarray(view.var(axis=(1, 3)), dtype=np.float32)
-
-
-def _block_mean(image: NDArray[Any], blocks: int) -> NDArray[np.float32]:
-    side = min(image.shape[:2]) // blocks
-    view = np.asarray(image[: side * blocks, : side * blocks], dtype=np.float32)
-    return np.asarray(view.reshape(blocks, side, blocks, side).mean(axis=(1, 3)), dtype=np.float32)
+def _blocks(image: NDArray[Any], blocks: int, *, inner: bool) -> NDArray[np.float32]:
+    """[N, blocks, side, blocks, side] view of equal blocks (``inner``: the one-pixel border left out)."""
+    margin = 1 if inner and min(image.shape[1:3]) // blocks > 4 else 0
+    side = (min(image.shape[1:3]) - 2 * margin) // blocks
+    view = np.asarray(image[:, margin : margin + side * blocks, margin : margin + side * blocks], np.float32)
+    return view.reshape(image.shape[0], blocks, side, blocks, side)
 
 
 def sharpness(
-    tile: ImageArray, density_half: NDArray[np.float32], tissue_half: NDArray[np.bool_], mpp: float
-) -> float:
-    """The median sharpness of the tile's tissue blocks (infinite when it has none).
+    tiles: ImageArray, density_half: NDArray[np.float32], tissue_half: NDArray[np.bool_], mpp: float
+) -> NDArray[np.float64]:
+    """Per tile of a stack [N, H, W, 3]: the median sharpness of its tissue blocks (inf when none).
 
-    The tile is cut into ``BLUR_BLOCKS`` x ``BLUR_BLOCKS`` blocks; a block is tissue when at least half of
+    Each tile is cut into ``BLUR_BLOCKS`` x ``BLUR_BLOCKS`` blocks; a block is tissue when at least half of
     it is. The grey image is first averaged down to about ``SHARPNESS_MPP`` (finer scans are oversampled
     by the optics, so their finest scale is smooth even in focus). Per block, E0 is the variance of the
     4-neighbour Laplacian at that scale and E1 the same one octave coarser; sharpness is E0 / E1.
@@ -152,20 +139,32 @@ def sharpness(
     otherwise (pale, smooth stroma or mucin: nothing to judge). A tile whose median is below
     ``min_sharpness`` has at least half of its tissue blurred.
     """
-    grey = np.asarray(tile, dtype=np.float32) @ _LUMA
+    grey = np.asarray(tiles, dtype=np.float32) @ _LUMA
     factor = 1
-    while mpp * factor * 2 <= SHARPNESS_MPP * 1.25 and min(grey.shape) // 2 >= 64:
+    while mpp * factor * 2 <= SHARPNESS_MPP * 1.25 and min(grey.shape[1:]) // 2 >= 64:
         grey = _halve(grey)
         factor *= 2
-    fine = _block_variance(_laplacian(grey), BLUR_BLOCKS)
-    coarse = _block_variance(_laplacian(_halve(grey)), BLUR_BLOCKS)
-    tissue_blocks = _block_mean(tissue_half, BLUR_BLOCKS) >= 0.5
-    if not bool(tissue_blocks.any()):
-        return float("inf")
+    fine = _blocks(_laplacian(grey), BLUR_BLOCKS, inner=True).var(axis=(2, 4))
+    coarse = _blocks(_laplacian(_halve(grey)), BLUR_BLOCKS, inner=True).var(axis=(2, 4))
+    tissue_blocks = _blocks(tissue_half, BLUR_BLOCKS, inner=False).mean(axis=(2, 4)) >= 0.5
+    dense = _blocks(density_half, BLUR_BLOCKS, inner=False).mean(axis=(2, 4)) >= FEATURELESS_MIN_OD
     ratio = fine / np.maximum(coarse, 1e-6)
-    dense = _block_mean(density_half, BLUR_BLOCKS) >= FEATURELESS_MIN_OD
     ratio = np.where(coarse < MIN_STRUCTURE, np.where(dense, 0.0, np.inf), ratio)
-    return float(np.median(ratio[tissue_blocks]))
+    medians = np.full(len(ratio), np.inf)
+    for index in np.flatnonzero(tissue_blocks.any(axis=(1, 2))):
+        medians[index] = float(np.median(ratio[index][tissue_blocks[index]]))
+    return medians
+
+
+def _plane(structure_2d: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """A 2-D structuring element as a 3-D one that never connects two tiles of a stack."""
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = structure_2d
+    return plane
+
+
+_SQUARE = _plane(np.ones((3, 3), dtype=bool))
+_CROSS = _plane(np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool))
 
 
 def _solid_ink(ink: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -178,59 +177,89 @@ def _solid_ink(ink: NDArray[np.uint8]) -> NDArray[np.uint8]:
 
     if not bool(ink.any()):
         return ink
-    solid = ndimage.binary_opening(ink != 0, structure=np.ones((3, 3), dtype=bool))
+    solid = ndimage.binary_opening(ink != 0, structure=_SQUARE)
     return np.where(solid, ink, 0).astype(np.uint8)
 
 
-def _fat_lumens(tissue: NDArray[np.bool_]) -> tuple[int, float]:
-    """(number of empty regions of at least ``FAT_MIN_LUMEN_SHARE``, share of the largest).
+def _fat_lumens(tissue: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Per tile: (number of empty regions of at least ``FAT_MIN_LUMEN_SHARE``, share of the largest).
 
     Tissue is first dilated by two pixels of the 2 x 2 averaged grid, which closes the gaps that thin,
-    faint septa leave between adipocytes.
+    faint septa leave between adipocytes. Regions are 4-connected within a tile.
     """
     from scipy import ndimage
 
-    empty = ~ndimage.binary_dilation(tissue, iterations=2)
-    labels, count = ndimage.label(empty)
-    if count == 0:
-        return 0, 0.0
-    sizes = np.bincount(labels.ravel())[1:] / empty.size
-    return int((sizes >= FAT_MIN_LUMEN_SHARE).sum()), float(sizes.max())
+    empty = ~ndimage.binary_dilation(tissue, structure=_CROSS, iterations=2)
+    labels, _ = ndimage.label(empty, structure=_CROSS)
+    sizes = np.bincount(labels.ravel()).astype(np.float64) / float(np.prod(tissue.shape[1:]))
+    counts = np.zeros(len(tissue), dtype=np.int64)
+    largest = np.zeros(len(tissue), dtype=np.float64)
+    # Labels are numbered in scan order and never span two tiles, so each tile holds a contiguous range.
+    last = labels.reshape(len(tissue), -1).max(axis=1)
+    first = 1
+    for index, top in enumerate(last):
+        if top >= first:
+            region_sizes = sizes[first : top + 1]
+            counts[index] = int((region_sizes >= FAT_MIN_LUMEN_SHARE).sum())
+            largest[index] = float(region_sizes.max())
+            first = int(top) + 1
+    return counts, largest
+
+
+def measure_batch(
+    tiles: ImageArray, background: Background = DEFAULT_BACKGROUND, mpp: float = 0.5
+) -> list[dict[str, float]]:
+    """Every QC measure of each tile of a stack [N, H, W, 3] (RGB uint8), against the slide's background.
+
+    Tiles are measured independently (no morphology or region crosses from one tile to the next); a stack
+    only makes the arithmetic run on many tiles at once.
+    """
+    stack = np.asarray(tiles, dtype=np.uint8)
+    if stack.ndim != 4 or stack.shape[-1] != 3:
+        raise ValueError(f"expected a stack of RGB tiles [N, H, W, 3], got shape {stack.shape}")
+    if len(stack) == 0:
+        return []
+    half = np.rint(_halve(stack)).astype(np.uint8)
+    density = optical_density(half, background)
+    ink = classify_ink(density, background.red_ink_blue_ratio)
+    density_max = tissue_density(density)
+    tissue = (density_max >= background.tissue_threshold) & (ink == 0)
+    ink = _solid_ink(ink)
+    inked = ink != 0
+    white = np.asarray(background.white, dtype=np.float32)
+    luminance = half.astype(np.float32) @ _LUMA
+    dark = ((luminance < DARK_TRANSMISSION * float(white @ _LUMA)) & ~inked).mean(axis=(1, 2))
+    if bool((white + OVEREXPOSED_MARGIN <= 255).all()):
+        bright = np.all(half >= white + OVEREXPOSED_MARGIN, axis=-1).mean(axis=(1, 2))
+    else:  # glass already clipped: nothing can be brighter than it
+        bright = np.zeros(len(stack))
+    lumens, largest = _fat_lumens(tissue | inked)
+    ratios = sharpness(stack, density_max, tissue, mpp)
+    tissue_share = tissue.mean(axis=(1, 2))
+    pen_share = inked.mean(axis=(1, 2))
+    colours = np.stack([(ink == code).sum(axis=(1, 2)) for code in sorted(INK_NAMES)], axis=1)
+    results = []
+    for index in range(len(stack)):
+        metrics = {
+            "tissue_fraction": round(float(tissue_share[index]), 4),
+            "pen_fraction": round(float(pen_share[index]), 4),
+            "dark_fraction": round(float(dark[index]), 4),
+            "bright_fraction": round(float(bright[index]), 4),
+            "sharpness": round(min(float(ratios[index]), 99.0), 4),
+            "fat_lumens": float(lumens[index]),
+            "largest_lumen": round(float(largest[index]), 4),
+        }
+        if metrics["pen_fraction"] > 0:
+            metrics["pen_colour"] = float(sorted(INK_NAMES)[int(np.argmax(colours[index]))])
+        results.append(metrics)
+    return results
 
 
 def measure(
     tile: ImageArray, background: Background = DEFAULT_BACKGROUND, mpp: float = 0.5
 ) -> dict[str, float]:
-    """Every QC measure of one RGB uint8 tile, against the slide's background."""
-    half = np.rint(_halve(tile)).astype(np.uint8)
-    density = optical_density(half, background)
-    ink = classify_ink(density, background.red_ink_blue_ratio)
-    tissue = (tissue_density(density) >= background.tissue_threshold) & (ink == 0)
-    ink = _solid_ink(ink)
-    white = np.asarray(background.white, dtype=np.float32)
-    luminance = half.astype(np.float32) @ _LUMA
-    dark = float(np.mean((luminance < DARK_TRANSMISSION * float(white @ _LUMA)) & (ink == 0)))
-    bright_limit = np.minimum(white + OVEREXPOSED_MARGIN, 255.0)
-    bright = (
-        float(np.mean(np.all(half >= bright_limit, axis=-1)))
-        if bool((white + OVEREXPOSED_MARGIN <= 255).all())
-        else 0.0
-    )
-    lumens, largest = _fat_lumens(tissue | (ink != 0))
-    ratio = sharpness(tile, tissue_density(density), tissue, mpp)
-    metrics = {
-        "tissue_fraction": round(float(tissue.mean()), 4),
-        "pen_fraction": round(float(np.mean(ink != 0)), 4),
-        "dark_fraction": round(dark, 4),
-        "bright_fraction": round(bright, 4),
-        "sharpness": round(min(ratio, 99.0), 4),
-        "fat_lumens": float(lumens),
-        "largest_lumen": round(largest, 4),
-    }
-    if metrics["pen_fraction"] > 0:
-        counts = np.bincount(ink.ravel(), minlength=5)
-        metrics["pen_colour"] = float(int(np.argmax(counts[1:])) + 1)
-    return metrics
+    """Every QC measure of one RGB uint8 tile, against the slide's background (``measure_batch``)."""
+    return measure_batch(np.asarray(tile, dtype=np.uint8)[None], background, mpp)[0]
 
 
 def ink_colour_name(metrics: dict[str, float]) -> str:
