@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -28,7 +29,7 @@ import structlog
 from wsitk.services.mil_scorer.scorer import SERVICE, MilScorer
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.bus.runtime import AttemptLedger, Incoming, dead_letter_outputs
-from wsitk.shared.config import Settings
+from wsitk.shared.config import Settings, wsi_home
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import MalformedEvent, decode, package_version, pb
 from wsitk.shared.errors import PermanentError, is_transient
@@ -107,7 +108,11 @@ class ScorerStream:
         return await asyncio.to_thread(self.scorer.on_embedding, event)
 
     async def attempt(self, message: Incoming) -> None:
-        """One durable-counted attempt: count, handle, produce, clear the count."""
+        """One durable-counted attempt: count, handle, produce, clear the count.
+
+        An infrastructure failure while handling or producing takes the count back (as the shared runtime
+        does), so retries through an S3 or database blip never add up to a dead letter.
+        """
         counts = await asyncio.to_thread(self.ledger.increment, [message])
         message.attempt = counts[(message.topic, message.partition, message.offset)]
         if message.attempt > 1:
@@ -117,9 +122,17 @@ class ScorerStream:
                 "poison-message", f"failed or crashed the scorer {message.attempt - 1} times"
             )
         started = time.perf_counter()
-        produced = await self.handle(message)
-        HANDLE_SECONDS.labels(SERVICE, message.topic).observe(time.perf_counter() - started)
-        await self.send_all(produced)
+        try:
+            produced = await self.handle(message)
+            HANDLE_SECONDS.labels(SERVICE, message.topic).observe(time.perf_counter() - started)
+            await self.send_all(produced)
+        except Exception as exc:
+            if is_transient(exc):  # not the message's fault: take back the attempt counted above
+                try:
+                    await asyncio.to_thread(self.ledger.forget_transient, message)
+                except Exception as ledger_error:  # the database may be what is down; the retry recounts
+                    log.warning("could not take back an attempt", error=str(ledger_error))
+            raise
         await asyncio.to_thread(self.ledger.clear, [message])
 
     async def process(self, message: Incoming) -> None:
@@ -163,6 +176,16 @@ class ScorerStream:
         await asyncio.to_thread(self.ledger.clear, [message])
 
 
+def scorer_datadir() -> Path:
+    """Faust's data directory: under WSI_HOME (writable in containers), never the working directory.
+
+    Created here with its parents: Faust itself creates only the last component.
+    """
+    path = wsi_home() / "mil-scorer" / "faust"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def build_app(settings: Settings) -> faust.App:
     configure_logging(SERVICE, settings.log_level)
     BUILD_INFO.labels(SERVICE, package_version()).set(1)
@@ -176,6 +199,9 @@ def build_app(settings: Settings) -> faust.App:
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         broker_credentials=_broker_credentials(settings),
         store="memory://",
+        # Faust keeps its app directory (v1/, tables) under datadir, by default "<name>-data" in the
+        # working directory: in an image that is the read-only root. WSI_HOME is writable everywhere.
+        datadir=str(scorer_datadir()),
         topic_partitions=partitions,
         topic_replication_factor=1,
         topic_allow_declare=False,  # topics come from the topic table, never from a stream processor
