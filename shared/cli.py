@@ -20,6 +20,7 @@ SERVICES = {
     "embedder": "wsitk.services.embedder.main",
     "mil-scorer": "wsitk.services.mil_scorer.main",
     "recorder": "wsitk.services.recorder.main",
+    "viewer": "wsitk.services.viewer.main",
 }
 
 
@@ -47,14 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     stack.set_defaults(handler=_lazy("wsitk.shared.stack.cli", "cli_stack"))
 
     db = sub.add_parser("db", help="database schema")
-    db.add_argument("action", choices=["migrate"])
+    db.add_argument(
+        "action",
+        choices=["migrate", "wait"],
+        help="migrate: apply migrations under the owner role; wait: until every migration is applied",
+    )
     db.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_db"))
 
     run = sub.add_parser("run", help="run one service in the foreground")
     run.add_argument("service", choices=sorted(SERVICES))
     run.set_defaults(handler=cli_run)
 
-    services = sub.add_parser("services", help="start/stop all six services as background processes")
+    services = sub.add_parser("services", help="start/stop the six services and the viewer in the background")
     services.add_argument("action", choices=["up", "down", "status", "restart"])
     services.add_argument("--only", nargs="*", choices=sorted(SERVICES), help="act on these services only")
     services.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_services"))
@@ -183,6 +188,9 @@ def cli_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wsitk.shared.config import wsi_home
+    from wsitk.shared.errors import TransientError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_logging = None
@@ -195,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except TransientError as exc:  # a server is down: say which, and how this CLI finds its stack
+        print(
+            f"wsi {args.command}: {exc}\n(state directory {wsi_home()}: start the local stack with "
+            "`wsi stack up`, or set WSI_HOME / the WSI_* endpoints to the running one)",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         if previous_logging is not None:  # called in-process (tests): leave logging as it was
             import structlog

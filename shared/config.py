@@ -17,8 +17,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def wsi_home() -> Path:
-    """The local state directory: stack data, service logs, cached slides and default models."""
-    return Path(os.environ.get("WSI_HOME", Path.home() / ".wsi")).resolve()
+    """The local state directory: stack data, service logs, cached slides and default models.
+
+    ``WSI_HOME`` when set; otherwise the nearest ``.wsi`` folder in the working directory or one of its
+    parents (found the way git finds its repository, so the README's commands work from a checkout
+    after ``make demo``); otherwise ``~/.wsi``.
+    """
+    configured = os.environ.get("WSI_HOME")
+    if configured:
+        return Path(configured).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".wsi").is_dir():
+            return folder / ".wsi"
+    return (Path.home() / ".wsi").resolve()
 
 
 def default_env_file() -> Path:
@@ -111,6 +123,17 @@ class Settings(BaseSettings):
     embed_prefetch_batches: int = 3  # model batches prepared ahead of the running one (the bounded queue)
     embed_backend: str = "auto"  # "onnxruntime", "torch" (CUDA torch beside a CPU-only onnxruntime) or "auto"
 
+    # Viewer (docs/viewer.md): read-only web service; its own database role (SELECT only)
+    viewer_host: str = "127.0.0.1"
+    viewer_port: int = 8090  # 0 = pick a free port (the chosen port is logged)
+    viewer_database_url: SecretStr | None = None  # the read-only role; unset = database_url
+    viewer_tokens: SecretStr | None = None  # comma-separated bearer tokens; unset = no token check
+    viewer_identity_header: str = ""  # e.g. X-Auth-Request-Email, set by an OIDC proxy in front
+    viewer_allow_anonymous: bool = False  # serve without any authentication on a non-loopback address
+    viewer_tile_cache_tiles: int = 4096  # rendered deep-zoom tiles kept in memory (LRU)
+    viewer_open_slides: int = 8  # slide files kept open (LRU)
+    viewer_cache_max_bytes: int = 10 * 1024**3  # local copies of slide files (evicting)
+
     @field_validator("target_mpp", "tile_size", "tiles_per_shard")
     @classmethod
     def _positive(cls, value: Any) -> Any:
@@ -134,11 +157,29 @@ class Settings(BaseSettings):
         else:
             secret = _read_secret_file(self.database_url, "WSI_DATABASE_URL_FILE")
         assert secret is not None
-        url = secret.get_secret_value()
+        return self._with_tls_options(secret.get_secret_value())
+
+    def _with_tls_options(self, url: str) -> str:
         for name, value in (("sslmode", self.database_sslmode), ("sslrootcert", self.database_sslrootcert)):
             if value and f"{name}=" not in url:
                 url += ("&" if "?" in url else "?") + f"{name}={quote(value, safe='/')}"
         return url
+
+    def viewer_dsn(self) -> str:
+        """The viewer's read-only role when configured, else the services' role."""
+        secret = _read_secret_file(self.viewer_database_url, "WSI_VIEWER_DATABASE_URL_FILE")
+        if secret is None:
+            return self.dsn()
+        return self._with_tls_options(secret.get_secret_value())
+
+    def viewer_token_list(self) -> list[str]:
+        """The viewer's bearer tokens; a tokens file that is not there (an optional Secret) means none."""
+        path = os.environ.get("WSI_VIEWER_TOKENS_FILE")
+        if path and not Path(path).is_file():
+            return []
+        secret = _read_secret_file(self.viewer_tokens, "WSI_VIEWER_TOKENS_FILE")
+        raw = secret.get_secret_value() if secret else ""
+        return [token.strip() for token in raw.split(",") if token.strip()]
 
     def has_admin_url(self) -> bool:
         return self.database_admin_url is not None or bool(os.environ.get("WSI_DATABASE_ADMIN_URL_FILE"))
@@ -148,7 +189,8 @@ class Settings(BaseSettings):
         out: dict[str, Any] = {}
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
-                out[name] = "***" if name != "database_url" else _mask_url(value.get_secret_value())
+                shown = name in {"database_url", "viewer_database_url"}
+                out[name] = _mask_url(value.get_secret_value()) if shown else "***"
             elif isinstance(value, Path):
                 out[name] = str(value)
             else:

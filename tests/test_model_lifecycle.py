@@ -231,5 +231,16 @@ def test_cohort_to_trained_evaluated_promoted_and_rescored_models(pipeline: Pipe
         assert exported.returncode == 0, exported.stderr
         collection = json.loads((tmp_path / "geojson" / f"{slide_id}.geojson").read_text())
         assert collection["type"] == "FeatureCollection" and collection["features"]
+        # The short id `wsi status` prints, and the upload key, name the same slide.
+        for reference in (slide_id[:12], key):
+            short = _wsi(pipeline, "export", "geojson", reference, "--out", str(tmp_path / "short"))
+            assert short.returncode == 0, short.stderr
+            assert (tmp_path / "short" / f"{slide_id}.geojson").is_file()
+        unknown = _wsi(pipeline, "export", "geojson", "0123456789ab", "--out", str(tmp_path / "short"))
+        assert (
+            unknown.returncode == 1
+            and "no such slide" in unknown.stderr
+            and "Traceback" not in unknown.stderr
+        )
     finally:
         deactivate(db, actor="test")  # later tests expect the shipped default model

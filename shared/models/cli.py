@@ -211,15 +211,29 @@ def cli_export(args: argparse.Namespace) -> int:
         "mosaic": _export_mosaic,
     }
     failed = 0
-    for slide_id in args.slides:
+    for reference in args.slides:
         try:
+            slide_id = _full_slide_id(settings, reference)
             summary = exporter[args.format](store, settings.artifacts_bucket, slide_id, args)
         except (LookupError, ValueError, PermanentError) as exc:
-            print(f"wsi export {args.format}: slide {slide_id}: {exc}", file=sys.stderr)
+            print(f"wsi export {args.format}: slide {reference}: {exc}", file=sys.stderr)
             failed += 1
             continue
         print(json.dumps(summary))
     return 1 if failed else 0
+
+
+def _full_slide_id(settings: Any, reference: str) -> str:
+    """A full slide id from what a person typed: the id itself, or (looked up in PostgreSQL) the short id
+    ``wsi status`` prints, an id prefix of 8+ digits, an upload key or a file name."""
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{64}", reference):
+        return reference
+    from wsitk.shared.corrections import resolve_slide
+    from wsitk.shared.db.connection import Database
+
+    return resolve_slide(Database(settings.dsn()), reference)[0]
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
