@@ -253,3 +253,47 @@ def test_a_slide_made_of_real_tiles(tmp_path: Path) -> None:
             assert share[name] <= 0.01, (name, share[name])
         elif label == "adipose":
             assert "" not in decisions.get(name, []), decisions.get(name)
+
+
+def test_quality_filter_reports_each_tiles_reason_and_ink_colour(tmp_path: Path) -> None:
+    """The handler itself (no Kafka): a shard of real tiles -> its stored report and QcResult."""
+    from types import SimpleNamespace
+
+    from wsitk.services.quality_filter.handler import QualityFilterHandler
+    from wsitk.shared.bus.runtime import Incoming
+    from wsitk.shared.contracts import new_meta
+    from wsitk.shared.objectstore import FilesystemObjectStore
+    from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
+
+    names = ["tissue-level0-4302-10273-4814-10785.png", "no-tissue-red-pen.png", "no-tissue.png"]
+    tiles = [
+        np.asarray(Image.open(TILES / name).convert("RGB").resize((224, 224), Image.Resampling.BOX))
+        for name in names
+    ]
+    header = {
+        "tile_size": 224,
+        "mpp": 0.5,
+        "tile_size_level0": 448.0,
+        "background": DEFAULT_BACKGROUND.to_dict(),
+    }
+    entries = [ShardTile(448 * i, 0, encode_jpeg(tile)) for i, tile in enumerate(tiles)]
+    store = FilesystemObjectStore(tmp_path / "store")
+    stored = store.put_if_absent("artifacts", "tiles/s/run/s00000.shard", pack_shard(header, entries))
+    ctx = SimpleNamespace(store=store, settings=SimpleNamespace(artifacts_bucket="artifacts"))
+    event = pb.TileShard(
+        meta=new_meta(service="tiler", slide_id="s", event_parts=["shard", "run", "s00000"]),
+        tiling_run_id="run",
+        shard_id="s00000",
+        shard=pb.ObjectRef(bucket=stored.bucket, key=stored.key, size=stored.size, sha256=stored.sha256),
+        tile_count=3,
+        profile=pb.PipelineProfile(target_mpp=0.5, tile_size=224),
+    )
+    message = Incoming("wsi.tiles.shards", 0, 0, b"s/s00000", event.SerializeToString(), [], event)
+    (output,) = QualityFilterHandler(ctx).handle(message)  # type: ignore[arg-type]
+    result = output.message
+    assert (result.tile_count, result.accepted_count) == (3, 1)
+    assert dict(result.rejected_by_reason) == {"pen": 1, "background": 1}
+    report = json.loads(store.get_bytes("artifacts", "qc/s/run/s00000.json"))
+    assert [tile["reason"] for tile in report["tiles"]] == ["", "pen", "background"]
+    assert report["tiles"][1]["ink"] == "red"
+    assert report["background"]["source"] == "default"

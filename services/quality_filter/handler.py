@@ -4,7 +4,8 @@ Exactly one ``QcResult`` per ``TileShard``, including shards where every tile is
 scorer can account for every planned shard. Metrics per tile are stored as a JSON object
 put-if-absent; a redelivered shard re-publishes the stored decision instead of recomputing it.
 
-What is measured and decided, and in which order, is in ``measures.py`` beside this file. Tissue and
+What is measured and decided, and in which order, is in ``measures.py`` beside this file. The stored
+report has, per tile, its measures, its ``reason`` ("" when accepted) and, for pen, the ``ink`` colour. Tissue and
 ink are measured against the slide's own background, which the tiler records in each shard's header
 (``background``); thresholds come from the slide's pipeline profile, where 0 means the default.
 """
@@ -16,7 +17,14 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from wsitk.services.quality_filter.measures import QcThresholds, assess, decide, measure, measure_batch
+from wsitk.services.quality_filter.measures import (
+    QcThresholds,
+    assess,
+    decide,
+    ink_colour_name,
+    measure,
+    measure_batch,
+)
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
@@ -84,7 +92,7 @@ class QualityFilterHandler:
         shard = Shard(self.ctx.store.get_bytes(event.shard.bucket, event.shard.key))
         accepted: list[bool] = []
         reasons: Counter[str] = Counter()
-        per_tile: list[dict[str, float]] = []
+        per_tile: list[dict[str, Any]] = []
         limits = QcThresholds.from_profile(event.profile)
         background = Background.from_dict(shard.header.get("background"))
         mpp = float(shard.header.get("mpp") or event.profile.target_mpp or 0.5)
@@ -99,7 +107,10 @@ class QualityFilterHandler:
             for metrics in measured:
                 ok, reason = decide(metrics, limits)
                 accepted.append(ok)
-                per_tile.append(metrics)
+                entry: dict[str, Any] = {**metrics, "reason": reason}  # "" when accepted
+                if reason == "pen":
+                    entry["ink"] = ink_colour_name(metrics)  # "blue", "green", "red" or "black"
+                per_tile.append(entry)
                 if not ok:
                     reasons[reason] += 1
         TILES.labels(SERVICE, "accepted").inc(sum(accepted))
