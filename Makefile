@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WSI_HOME ?= $(CURDIR)/.wsi
 
-.PHONY: setup system-deps demo test lint typecheck unit e2e models bench clean stop deploy-generate experiment
+.PHONY: setup system-deps viewer-assets demo test lint typecheck unit e2e models bench clean stop deploy-generate experiment images containers-smoke
 
 $(STAMP): pyproject.toml setup.py proto/wsi/v1/events.proto
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,11 +19,28 @@ $(STAMP): pyproject.toml setup.py proto/wsi/v1/events.proto
 	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
+# The viewer's front end: OpenSeadragon from npm (package-lock.json pins it), copied into the folder the
+# viewer serves itself; nothing is fetched from a CDN at run time. Needs npm (Debian's, installed if missing).
+VIEWER_WEB := services/viewer/web
+VIEWER_ASSETS := $(VIEWER_WEB)/public/openseadragon/openseadragon.min.js
+$(VIEWER_ASSETS): $(VIEWER_WEB)/package.json $(VIEWER_WEB)/package-lock.json
+	@command -v npm >/dev/null || { \
+	  echo "installing Debian's npm (the viewer's front-end build)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	cd $(VIEWER_WEB) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	rm -rf $(VIEWER_WEB)/public/openseadragon
+	mkdir -p $(VIEWER_WEB)/public/openseadragon
+	cp $(VIEWER_WEB)/node_modules/openseadragon/build/openseadragon/openseadragon.min.js $(VIEWER_WEB)/public/openseadragon/
+	cp -r $(VIEWER_WEB)/node_modules/openseadragon/build/openseadragon/images $(VIEWER_WEB)/public/openseadragon/
+
+viewer-assets: $(VIEWER_ASSETS)
+
 # `pip install -e` runs setup.py, which generates the contracts' Python code from proto/.
-setup: $(STAMP)
+setup: $(STAMP) $(VIEWER_ASSETS)
 
 # Debian packages the tests use as real peers: Prometheus (live dashboard/alert check) and promtool;
-# PostgreSQL built with OpenSSL (the TLS test's server: the pgserver wheel's build has no TLS).
+# PostgreSQL built with OpenSSL (the TLS test's server: the pgserver wheel's build has no TLS); Chromium
+# (the viewer's browser test drives it headless over the DevTools protocol).
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  echo "installing Debian's prometheus (for the live observability test)"; \
@@ -31,6 +48,9 @@ system-deps:
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
 	  echo "installing Debian's postgresql (the TLS test's server)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium (the viewer's browser test, headless)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@command -v kubectl >/dev/null || echo "note: kubectl (1.27+, with built-in kustomize) is needed by tests/test_deploy_static.py"
 
 models: setup
@@ -63,9 +83,18 @@ test: setup system-deps lint typecheck
 deploy-generate: setup
 	$(BIN)/python -m wsitk.shared.deploy
 
+# The six images with podman (no Docker engine or registry needed: Debian base from debootstrap), and
+# the six services as read-only, non-root containers against the local stack; see deploy/README.md.
+images:
+	deploy/local-images.sh base
+	deploy/local-images.sh build
+
+containers-smoke:
+	deploy/local-images.sh smoke
+
 stop:
 	-$(BIN)/wsi services down
 	-$(BIN)/wsi stack down
 
 clean: stop
-	rm -rf $(VENV) .wsi shared/contracts/_generated build *.egg-info
+	rm -rf $(VENV) .wsi shared/contracts/_generated build *.egg-info $(VIEWER_WEB)/node_modules $(VIEWER_WEB)/public/openseadragon

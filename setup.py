@@ -54,6 +54,10 @@ if __name__ == "__main__" or "setuptools" in sys.modules:
     setup(
         packages=packages,
         package_dir=package_dir,
-        package_data={"wsitk.shared": ["topics.toml", "db/migrations/*.sql"]},
+        package_data={
+            "wsitk.shared": ["topics.toml", "db/migrations/*.sql"],
+            # the viewer's page and the OpenSeadragon build `make viewer-assets` copies beside it
+            "wsitk.services": ["viewer/web/index.html", "viewer/web/public/*", "viewer/web/public/**/*"],
+        },
         cmdclass={"build_py": BuildWithContracts},
     )

@@ -56,7 +56,7 @@ def wait_for_outcomes(settings: Settings, keys: list[str], timeout_s: float) -> 
 
 def cli_demo(args: argparse.Namespace) -> int:
     from wsitk.shared.models.defaults import init_default_models
-    from wsitk.shared.ops import format_table, services_up, submit_files
+    from wsitk.shared.ops import format_table, services_up, submit_files, viewer_url
     from wsitk.shared.slides.synth import SynthSpec, generate_slide
     from wsitk.shared.stack.local import start_stack
 
@@ -73,7 +73,7 @@ def cli_demo(args: argparse.Namespace) -> int:
         f"      kafka {info.kafka_bootstrap}  s3 {info.s3_endpoint}  postgres {info.database_url().split('@')[-1]}"
     )
 
-    _say("[3/5] six services as separate processes")
+    _say("[3/5] six services and the viewer as separate processes")
     for name, pid in services_up().items():
         _say(f"      {name:15s} pid {pid}  log {home / 'logs' / (name + '.log')}")
 
@@ -116,6 +116,12 @@ def cli_demo(args: argparse.Namespace) -> int:
     _say("Slide status any time:      .venv/bin/wsi status")
     _say("Submit your own slides:     .venv/bin/wsi submit path/to/slide.svs")
     _say("Stop everything:            make stop")
+    url = viewer_url()
+    _say("")
+    if url:
+        _say(f"Look at the slides, heatmaps and QC in a browser: {url}")
+    else:
+        _say(f"The viewer did not start; see {home / 'logs' / 'viewer.log'}")
     complete = len(rows) == len(keys) and all(r["status"] in TERMINAL for r in rows)
     return 0 if complete else 1
 

@@ -57,6 +57,20 @@ BUILD_INFO = Gauge(
     "wsi_build_info", "Package version of the running service (value 1)", ["service", "version"]
 )
 
+# The viewer (an HTTP service, not a consumer): requests by route and status, and its tile cache.
+VIEWER_REQUESTS = Counter(
+    "wsi_viewer_requests_total", "HTTP requests answered by the viewer", ["route", "status"]
+)
+VIEWER_REQUEST_SECONDS = Histogram(
+    "wsi_viewer_request_duration_seconds",
+    "Time to answer one viewer request",
+    ["route"],
+    buckets=(0.001, 0.0025, *LATENCY_BUCKETS),
+)
+VIEWER_TILE_CACHE = Counter(
+    "wsi_viewer_tile_cache_total", "Deep-zoom tile lookups in the viewer's memory cache", ["result"]
+)
+
 
 class HealthServer:
     """``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (dependencies reachable)."""

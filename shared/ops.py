@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -18,23 +19,45 @@ from typing import Any
 
 from wsitk.shared.config import Settings, load_settings, wsi_home
 
-SERVICE_NAMES = ("ingest", "tiler", "quality-filter", "embedder", "mil-scorer", "recorder")
+SERVICE_NAMES = ("ingest", "tiler", "quality-filter", "embedder", "mil-scorer", "recorder", "viewer")
 
 
 # -- database -------------------------------------------------------------------------------------
 def cli_db(args: argparse.Namespace) -> int:
-    from wsitk.shared.db.migrate import migrate
+    from wsitk.shared.db.migrate import AppRoleMissing, migrate, wait_for_schema
 
     settings = load_settings()
+    if args.action == "wait":
+        # The services' init containers: under the services' own role, until every migration this
+        # version ships is recorded (an older schema keeps the new version from starting).
+        timeout = getattr(args, "timeout", None)
+        return 0 if wait_for_schema(settings.dsn(), timeout_s=timeout) else 1
     if not settings.has_admin_url():
         print(
             "WSI_DATABASE_ADMIN_URL is not set: migrations run under the owner role, not the services' role",
             file=sys.stderr,
         )
         return 2
-    applied = migrate(settings.dsn(admin=True), app_user=_app_user(settings))
+    try:
+        applied = migrate(settings.dsn(admin=True), app_user=_app_user(settings))
+    except AppRoleMissing as exc:
+        print(f"migration incomplete: {exc}", file=sys.stderr)
+        return 3
+    _grant_viewer(settings)
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
     return 0
+
+
+def _grant_viewer(settings: Settings) -> None:
+    """The viewer's login role (from WSI_VIEWER_DATABASE_URL, when set) joins the read-only group."""
+    if settings.viewer_database_url is None and not os.environ.get("WSI_VIEWER_DATABASE_URL_FILE"):
+        return
+    from psycopg.conninfo import conninfo_to_dict
+    from wsitk.shared.db.viewer_role import grant_viewer_role
+
+    parts = conninfo_to_dict(settings.viewer_dsn())
+    password = str(parts["password"]) if parts.get("password") else None
+    grant_viewer_role(settings.dsn(admin=True), str(parts.get("user", "wsi_viewer")), password)
 
 
 def _app_user(settings: Settings) -> str:
@@ -90,6 +113,22 @@ def services_status(names: Sequence[str] = SERVICE_NAMES) -> dict[str, int | Non
     return {name: running_pid(_run_dir() / f"service-{name}.pid", "wsi") for name in names}
 
 
+def viewer_url(timeout_s: float = 15.0) -> str:
+    """The address the running viewer logged when it started ("" when it has not, within the timeout)."""
+    log_path = _log_dir() / "viewer.log"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        url = ""
+        lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
+        for line in lines:
+            if '"service starting"' in line and "{" in line:
+                with contextlib.suppress(ValueError):
+                    url = str(json.loads(line[line.index("{") :]).get("url", ""))
+        if url or time.monotonic() >= deadline or not services_status(["viewer"])["viewer"]:
+            return url
+        time.sleep(0.5)
+
+
 def cli_services(args: argparse.Namespace) -> int:
     names = args.only or list(SERVICE_NAMES)
     if args.action in {"down", "restart"}:
@@ -97,6 +136,8 @@ def cli_services(args: argparse.Namespace) -> int:
     if args.action in {"up", "restart"}:
         for name, pid in services_up(names).items():
             print(f"{name:15s} pid {pid:>7d}  log {_log_dir() / (name + '.log')}")
+        if "viewer" in names and (url := viewer_url()):
+            print(f"viewer at {url}")
     if args.action == "status":
         status = services_status(names)
         for name, running in status.items():

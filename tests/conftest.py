@@ -160,6 +160,7 @@ def pipeline_env(stack: Any, models: Path, home: Path, **extra: str) -> dict[str
         "WSI_POLL_INTERVAL_S": "1",
         "WSI_TILES_PER_SHARD": "48",
         "WSI_ISOLATION_MEMORY_BYTES": str(3 * 1024**3),
+        "WSI_VIEWER_PORT": "0",  # the viewer picks a free port and logs it (Pipeline.metrics_port)
         **extra,
     }
 

@@ -228,7 +228,7 @@ def _full_slide_id(settings: Any, reference: str) -> str:
     ``wsi status`` prints, an id prefix of 8+ digits, an upload key or a file name."""
     import re
 
-    if re.fullmatch(r"[0-9a-f]{64}", reference):
+    if re.fullmatch(r"[0-9a-f]{32}|[0-9a-f]{64}", reference):
         return reference
     from wsitk.shared.corrections import resolve_slide
     from wsitk.shared.db.connection import Database

@@ -33,6 +33,7 @@ from wsitk.shared.stack.servers import ADMIN_USER, BROKER, COMPONENTS, POSTGRES,
 log = logging.getLogger(__name__)
 
 APP_USER = "wsi_app"
+VIEWER_USER = "wsi_viewer"
 DATABASE = "wsi"
 READY_TIMEOUT_S = {BROKER: 30.0, POSTGRES: 60.0, S3: 30.0}
 STOP_TIMEOUT_S = 15.0
@@ -51,6 +52,7 @@ class StackInfo:
     s3_secret_key: str = field(repr=False)
     admin_password: str = field(repr=False)
     app_password: str = field(repr=False)
+    viewer_password: str = field(default="", repr=False)
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -64,6 +66,12 @@ class StackInfo:
         user, password = (ADMIN_USER, self.admin_password) if admin else (APP_USER, self.app_password)
         return f"postgresql://{user}:{password}@{self.host}:{self.ports[POSTGRES]}/{database}"
 
+    def viewer_database_url(self) -> str:
+        """The viewer's read-only role (SELECT on what it shows, read-only sessions)."""
+        return (
+            f"postgresql://{VIEWER_USER}:{self.viewer_password}@{self.host}:{self.ports[POSTGRES]}/{DATABASE}"
+        )
+
     def env(self) -> dict[str, str]:
         """The ``WSI_*`` variables that point services and tools at this stack."""
         return {
@@ -74,6 +82,7 @@ class StackInfo:
             "WSI_S3_SECRET_KEY": self.s3_secret_key,
             "WSI_DATABASE_URL": self.database_url(),
             "WSI_DATABASE_ADMIN_URL": self.database_url(admin=True),
+            "WSI_VIEWER_DATABASE_URL": self.viewer_database_url(),
         }
 
     def settings(self, **overrides: Any) -> Settings:
@@ -86,6 +95,7 @@ class StackInfo:
             "s3_secret_key": self.s3_secret_key,
             "database_url": self.database_url(),
             "database_admin_url": self.database_url(admin=True),
+            "viewer_database_url": self.viewer_database_url(),
         }
         values.update(overrides)
         return Settings(**values)
@@ -184,11 +194,15 @@ def ensure_database(info: StackInfo) -> list[str]:
     if that module is missing the database is still created and a log line says what was skipped.
     """
     return provision_database(
-        lambda database: info.database_url(admin=True, database=database), info.app_password
+        lambda database: info.database_url(admin=True, database=database),
+        info.app_password,
+        info.viewer_password or None,
     )
 
 
-def provision_database(admin_url: Callable[[str], str], app_password: str) -> list[str]:
+def provision_database(
+    admin_url: Callable[[str], str], app_password: str, viewer_password: str | None = None
+) -> list[str]:
     """``ensure_database`` for any server: ``admin_url(database)`` is the owner role's URL there."""
     import psycopg
     from psycopg import sql
@@ -214,7 +228,11 @@ def provision_database(admin_url: Callable[[str], str], app_password: str) -> li
     except ImportError as error:
         log.warning("database migrations skipped: wsitk.shared.db.migrate is not importable (%s)", error)
         return []
-    return migrate(admin_url(DATABASE), APP_USER, app_password)
+    applied = migrate(admin_url(DATABASE), APP_USER, app_password)
+    from wsitk.shared.db.viewer_role import grant_viewer_role
+
+    grant_viewer_role(admin_url(DATABASE), VIEWER_USER, viewer_password)
+    return applied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +243,14 @@ def _credentials(state_dir: Path) -> dict[str, str]:
     path = state_dir / "credentials.json"
     if path.is_file():
         stored: dict[str, str] = json.loads(path.read_text())
+        if "viewer_password" not in stored:  # state dirs from before the viewer
+            stored["viewer_password"] = secrets.token_urlsafe(18)
+            _write_private(path, json.dumps(stored, indent=2) + "\n")
         return stored
     created = {
         "admin_password": secrets.token_urlsafe(18),
         "app_password": secrets.token_urlsafe(18),
+        "viewer_password": secrets.token_urlsafe(18),
         "s3_access_key": "wsi-local",
         "s3_secret_key": secrets.token_urlsafe(18),
     }
@@ -392,6 +414,7 @@ def _info(layout: Layout, host: str, ports: dict[str, int], pids: dict[str, int]
         s3_secret_key=credentials["s3_secret_key"],
         admin_password=credentials["admin_password"],
         app_password=credentials["app_password"],
+        viewer_password=credentials["viewer_password"],
     )
 
 
