@@ -29,12 +29,17 @@ T = TypeVar("T")
 PR_SET_PDEATHSIG = 1
 
 
-def _init_child(max_bytes: int) -> None:
-    """In the child: die with the parent (a SIGKILLed service must not leave decoders behind), cap memory."""
+def _init_child(max_bytes: int, parent_pid: int | None = None) -> None:
+    """In the child: die with the parent (a SIGKILLed service must not leave decoders behind), cap memory.
+
+    ``parent_pid`` is the service's pid as the parent saw it. The parent died before prctl took
+    effect if the child now has another parent; "the parent is pid 1" would be wrong in a container,
+    where the service itself is pid 1.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        if os.getppid() != (parent_pid if parent_pid is not None else os.getppid()) or os.getppid() == 0:
             os._exit(1)
     except OSError:  # not Linux/glibc: the pool's own shutdown still reaps children on a clean exit
         pass
@@ -58,7 +63,7 @@ class IsolatedRunner:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_child,
-                initargs=(self.memory_limit_bytes,),
+                initargs=(self.memory_limit_bytes, os.getpid()),
                 max_tasks_per_child=self.max_tasks_per_child,
             )
         return self._pool

@@ -55,6 +55,7 @@ CUSTOM_KINDS = {
     "KafkaUser",
     "Cluster",
     "ScheduledBackup",
+    "ObjectStore",
     "ServiceMonitor",
     "PodMonitor",
     "PrometheusRule",
@@ -180,6 +181,7 @@ def test_overlay_resources_validate_against_the_kubernetes_schemas(overlay: str)
             "Job",
             "PodDisruptionBudget",
             "NetworkPolicy",
+            "Ingress",
         }
     )
     assert not unknown, f"kinds neither schema-validated nor checked below: {unknown}"
@@ -251,21 +253,28 @@ def check_strimzi(docs: list[dict[str, Any]]) -> None:
 
 
 def check_cloudnativepg(docs: list[dict[str, Any]]) -> None:
-    secrets = by_kind(docs, "Secret")
     (cluster,) = by_kind(docs, "Cluster").values()
     spec = cluster["spec"]
     assert spec["instances"] >= 1 and spec["storage"]["size"]
     assert spec["bootstrap"]["initdb"]["database"] == "wsi"
-    store = spec["backup"]["barmanObjectStore"]
-    assert store["destinationPath"].startswith("s3://") and store["endpointURL"]
-    for ref in store["s3Credentials"].values():
-        assert ref["name"] in secrets and ref["key"] in secrets[ref["name"]]["stringData"]
-    assert store["wal"]["compression"], "WAL archiving to the object store"
-    assert spec["backup"]["retentionPolicy"]
+    # Backups through the Barman Cloud plugin (the in-tree barmanObjectStore is deprecated).
+    assert "barmanObjectStore" not in spec.get("backup", {}), "use the Barman Cloud plugin"
+    (plugin,) = [p for p in spec["plugins"] if p["name"] == "barman-cloud.cloudnative-pg.io"]
+    assert plugin["isWALArchiver"] is True
+    stores = by_kind(docs, "ObjectStore")
+    store = stores[plugin["parameters"]["barmanObjectName"]]
+    configuration = store["spec"]["configuration"]
+    assert configuration["destinationPath"].startswith("s3://") and configuration["endpointURL"]
+    assert configuration["wal"]["compression"], "WAL archiving to the object store"
+    assert store["spec"]["retentionPolicy"]
+    for ref in configuration["s3Credentials"].values():
+        assert ref["name"] and ref["key"]
     for role in spec["managed"]["roles"]:
-        assert role["passwordSecret"]["name"] in secrets
+        assert role["ensure"] == "present"
     (backup,) = by_kind(docs, "ScheduledBackup").values()
     assert backup["spec"]["cluster"]["name"] == cluster["metadata"]["name"]
+    assert backup["spec"]["method"] == "plugin"
+    assert backup["spec"]["pluginConfiguration"]["name"] == plugin["name"]
     assert len(backup["spec"]["schedule"].split()) == 6, "CloudNativePG cron has a seconds field"
 
 
@@ -307,7 +316,7 @@ def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
 def test_workloads_are_non_root_read_only_bounded_and_probed(overlay: str) -> None:
     docs = rendered(overlay)
     deployments = by_kind(docs, "Deployment")
-    assert set(deployments) == set(SERVICES)
+    assert set(deployments) == {*SERVICES, "viewer"}
     workloads = [
         *deployments.values(),
         *by_kind(docs, "StatefulSet").values(),
@@ -366,9 +375,10 @@ def test_compose_file_follows_the_compose_specification() -> None:
     services = compose["services"]
     assert set(SERVICES) <= set(services)
     assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
-    minio_env = services["minio"]["environment"]
-    assert minio_env["MINIO_NOTIFY_KAFKA_ENABLE_PRIMARY"] == "on"
-    assert minio_env["MINIO_NOTIFY_KAFKA_TOPIC_PRIMARY"] == BUCKET_EVENTS
+    # SeaweedFS sends no S3 events to Kafka: the ingest's poller publishes them (BUCKET_EVENTS).
+    assert "-s3" in services["seaweedfs"]["command"]
+    assert "s3tool.py" in " ".join(services["s3-setup"]["command"])
+    assert BUCKET_EVENTS in deploy.SERVICE_TOPIC_ACCESS["ingest"]["write"]
     assert (
         "create-topics.sh" in services["topics"]["entrypoint"][-1]
     )  # topics from the table, not auto-created
@@ -377,7 +387,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
         service = services[name]
         assert service["depends_on"]["topics"]["condition"] == "service_completed_successfully"
         assert service["read_only"] is True and not service["user"].startswith("0")
-        assert service["environment"]["WSI_POLLER_ENABLED"] == "false"  # MinIO sends the events
+        assert service["environment"]["WSI_POLLER_ENABLED"] == "true"  # no S3 events from SeaweedFS
         assert service["build"]["target"] == name
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -498,12 +508,13 @@ def test_dashboards_are_provisionable_and_name_only_defined_metrics() -> None:
 # -- configuration names ----------------------------------------------------------------------------
 SECRET_FILE_VARIABLES = {
     "WSI_S3_SECRET_KEY_FILE",
+    "WSI_VIEWER_TOKENS_FILE",
     "WSI_KAFKA_SASL_PASSWORD_FILE",
     "WSI_DATABASE_URL_FILE",
     "WSI_DATABASE_ADMIN_URL_FILE",
 }
 # Only used to compose WSI_DATABASE_URL from the role's password Secret with $(VAR) expansion.
-URL_PARTS = {"WSI_APP_DB_PASSWORD"}
+URL_PARTS = {"WSI_APP_DB_PASSWORD", "WSI_VIEWER_DB_PASSWORD"}
 
 
 def test_every_wsi_variable_set_by_the_deployments_is_a_setting() -> None:
@@ -536,11 +547,12 @@ def test_dashboard_panel_ids_are_unique_and_setup_scripts_parse() -> None:
         ids = [panel["id"] for panel in json.loads(path.read_text())["panels"]]
         assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
     for script in (
-        REPO_ROOT / "deploy" / "k3s" / "base" / "minio" / "setup.sh",
+        REPO_ROOT / "deploy" / "k3s" / "make-secrets.sh",
+        REPO_ROOT / "deploy" / "local-images.sh",
         REPO_ROOT / "deploy" / "compose" / "postgres-init.sh",
     ):
         result = subprocess.run(["sh", "-n", str(script)], check=False, capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
-    for lifecycle in (REPO_ROOT / "deploy" / "k3s" / "base" / "minio").glob("lifecycle-*.json"):
+    for lifecycle in (REPO_ROOT / "deploy" / "k3s" / "base" / "s3").glob("lifecycle-*.json"):
         rules = json.loads(lifecycle.read_text())["Rules"]
         assert rules and all(r["Status"] == "Enabled" and r["ID"] for r in rules)

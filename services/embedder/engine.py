@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import os
 import threading
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from wsitk.shared.cpus import usable_cpus
 from wsitk.shared.objectstore import ObjectStore, StoredObject
 from wsitk.shared.shards import Shard
 
@@ -123,7 +123,8 @@ class _Batch:
 
 
 def _default_workers() -> int:
-    return max(1, (os.cpu_count() or 2) - 1)
+    """CPUs this container may use (its CPU limit, not the host's cores), less the inference thread."""
+    return max(1, usable_cpus() - 1)
 
 
 class EmbeddingEngine:

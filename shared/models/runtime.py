@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 from PIL import Image
+from wsitk.shared.cpus import usable_cpus
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +65,8 @@ def create_session(
     install does not print warnings about a missing CUDA; ONNX Runtime's own log is limited to errors. The
     providers actually used are logged (a CUDA provider that is offered but whose libraries fail to load
     is silently replaced by the next one by ONNX Runtime itself: the log line shows it).
-    ``intra_op_threads`` caps the CPU threads of one session (None: ONNX Runtime's default, one per core).
+    ``intra_op_threads`` caps the CPU threads of one session (None: the CPUs this process may use,
+    ``wsitk.shared.cpus.usable_cpus``, which honours a container's CPU limit).
     """
     model_path = Path(path)
     if not model_path.is_file():
@@ -82,8 +84,9 @@ def create_session(
         )
     options = ort.SessionOptions()
     options.log_severity_level = _ORT_ERRORS_ONLY
-    if intra_op_threads is not None:
-        options.intra_op_num_threads = intra_op_threads
+    # ONNX Runtime's default is one thread per host core, which under a container's CPU limit only
+    # adds throttling: size the pool from the CPUs this process may really use.
+    options.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else usable_cpus()
     providers: list[str | tuple[str, dict[str, Any]]] = [
         (p, dict(provider_options[p])) if provider_options and p in provider_options else p for p in chosen
     ]
