@@ -213,8 +213,13 @@ def cli_export(args: argparse.Namespace) -> int:
     failed = 0
     for reference in args.slides:
         try:
-            slide_id = _full_slide_id(settings, reference)
-            summary = exporter[args.format](store, settings.artifacts_bucket, slide_id, args)
+            try:
+                summary = exporter[args.format](store, settings.artifacts_bucket, reference, args)
+            except (LookupError, ValueError, PermanentError):
+                slide_id = _full_slide_id(settings, reference)  # a short id, upload key or file name?
+                if slide_id is None or slide_id == reference:
+                    raise
+                summary = exporter[args.format](store, settings.artifacts_bucket, slide_id, args)
         except (LookupError, ValueError, PermanentError) as exc:
             print(f"wsi export {args.format}: slide {reference}: {exc}", file=sys.stderr)
             failed += 1
@@ -223,17 +228,20 @@ def cli_export(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _full_slide_id(settings: Any, reference: str) -> str:
-    """A full slide id from what a person typed: the id itself, or (looked up in PostgreSQL) the short id
-    ``wsi status`` prints, an id prefix of 8+ digits, an upload key or a file name."""
-    import re
+def _full_slide_id(settings: Any, reference: str) -> str | None:
+    """The slide a person named with what ``wsi status`` prints (a short id), an id prefix of 8+ digits,
+    an upload key or a file name, looked up in PostgreSQL; None when the database cannot be asked.
 
-    if re.fullmatch(r"[0-9a-f]{32}|[0-9a-f]{64}", reference):
-        return reference
+    Raises ``CorrectionError`` (a ValueError) saying why when no single slide matches.
+    """
     from wsitk.shared.corrections import resolve_slide
     from wsitk.shared.db.connection import Database
+    from wsitk.shared.errors import TransientError
 
-    return resolve_slide(Database(settings.dsn()), reference)[0]
+    try:
+        return resolve_slide(Database(settings.dsn()), reference)[0]
+    except TransientError:
+        return None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
