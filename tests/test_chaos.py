@@ -21,4 +21,5 @@ def test_killing_services_at_random_loses_and_doubles_nothing(pipeline: Pipeline
     assert report.losses == 0, report.lost_keys
     assert report.duplicates == 0
     assert report.predictions_recorded == report.slides_in == 4
-    assert set(report.peak_rss) == {"ingest", "tiler", "quality-filter", "embedder", "mil-scorer", "recorder"}
+    # Every pipeline service was measured (the viewer runs beside them and is measured too).
+    assert {"ingest", "tiler", "quality-filter", "embedder", "mil-scorer", "recorder"} <= set(report.peak_rss)

@@ -37,7 +37,7 @@ def test_twenty_slides_at_once_complete_within_memory_bounds_and_lag_drains(
     print("\n" + report.table())
     assert report.losses == 0, report.lost_keys
     assert report.duplicates == 0 and report.predictions_recorded == 20
-    assert set(report.peak_rss) == set(SERVICES)
+    assert set(SERVICES) <= set(report.peak_rss)  # every pipeline service measured (and the viewer)
     over = {name: rss // 2**20 for name, rss in report.peak_rss.items() if rss > MEMORY_BOUND_MIB * 2**20}
     assert not over, f"services above {MEMORY_BOUND_MIB} MiB: {over}"
     # The services refresh their lag gauge every 10 s; once the work is done every group is caught up.
