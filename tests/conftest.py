@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -104,6 +106,17 @@ class Pipeline:
         from wsitk.shared.objectstore import S3ObjectStore
 
         S3ObjectStore(self.settings()).client.fput_object(self.settings().uploads_bucket, key, str(path))
+
+    def cli(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        """``wsi ARGS`` as a separate process against this pipeline's servers."""
+        return subprocess.run(
+            [sys.executable, "-m", "wsitk.shared.cli", *args],
+            check=False,
+            env={**self.env, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
 
     def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s

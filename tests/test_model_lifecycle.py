@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,14 +26,7 @@ TERMINAL = {"predicted", "rejected", "failed", "no_tissue"}
 
 
 def _wsi(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "wsitk.shared.cli", *args],
-        check=False,
-        env={**pipeline.env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return pipeline.cli(*args, timeout_s=300)
 
 
 def _upload_and_wait(pipeline: Pipeline, paths: Mapping[str, Path], timeout_s: float) -> dict[str, str]:

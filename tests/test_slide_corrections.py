@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,14 +156,7 @@ def test_the_recorder_keeps_every_run_and_the_newest_drives_the_status(stack: An
 
 # -- end to end ----------------------------------------------------------------------------------------
 def _wsi(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "wsitk.shared.cli", *args],
-        check=False,
-        env={**pipeline.env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return pipeline.cli(*args, timeout_s=120)
 
 
 @dataclass

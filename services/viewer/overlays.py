@@ -15,7 +15,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from wsitk.shared.models.explain import attention_geojson, attention_ranks, colormap_rgb, load_attention
+from wsitk.shared.models.explain import (
+    attention_ranks,
+    colormap_rgb,
+    load_attention,
+    stored_attention_geojson,
+)
 from wsitk.shared.objectstore import ObjectStore
 from wsitk.shared.shards import Shard
 
@@ -94,16 +99,8 @@ class Overlays:
         }
 
     def geojson(self, slide_id: str, run_id: str, model_version: str) -> bytes:
-        attention = load_attention(
+        collection, _ = stored_attention_geojson(
             self.store, self.bucket, slide_id, tiling_run_id=run_id, model_version=model_version
-        )
-        collection = attention_geojson(
-            attention.coords,
-            attention.attention,
-            attention.tile_size_level0,
-            slide_id=slide_id,
-            model_version=attention.model_version,
-            tiling_run_id=attention.tiling_run_id,
         )
         return json.dumps(collection, separators=(",", ":"), allow_nan=False).encode()
 

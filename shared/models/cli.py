@@ -268,18 +268,14 @@ def _export_h5(store: ObjectStore, bucket: str, slide_id: str, args: argparse.Na
 def _export_geojson(
     store: ObjectStore, bucket: str, slide_id: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from wsitk.shared.models.explain import attention_geojson, load_attention
+    from wsitk.shared.models.explain import stored_attention_geojson
 
-    attention = load_attention(
-        store, bucket, slide_id, tiling_run_id=args.tiling_run, model_version=args.model
-    )
-    collection = attention_geojson(
-        attention.coords,
-        attention.attention,
-        attention.tile_size_level0,
-        slide_id=slide_id,
-        model_version=attention.model_version,
-        tiling_run_id=attention.tiling_run_id,
+    collection, attention = stored_attention_geojson(
+        store,
+        bucket,
+        slide_id,
+        tiling_run_id=args.tiling_run,
+        model_version=args.model,
         top_k_highlight=args.top_k,
     )
     path = args.out / f"{slide_id}.geojson"

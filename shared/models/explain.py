@@ -540,3 +540,28 @@ def slide_dimensions(store: ObjectStore, bucket: str, attention: SlideAttention)
         raise LookupError(f"slide {attention.slide_id}: no tiling manifest and no tiles to size a heatmap by")
     extent = attention.coords.max(axis=0) + attention.tile_size_level0
     return math.ceil(extent[0]), math.ceil(extent[1])
+
+
+def stored_attention_geojson(
+    store: ObjectStore,
+    bucket: str,
+    slide_id: str,
+    *,
+    tiling_run_id: str = "",
+    model_version: str = "",
+    top_k_highlight: int = 8,
+) -> tuple[dict[str, Any], SlideAttention]:
+    """The QuPath GeoJSON of a slide's stored attention map (``wsi export geojson``, the viewer's download)."""
+    attention = load_attention(
+        store, bucket, slide_id, tiling_run_id=tiling_run_id, model_version=model_version
+    )
+    collection = attention_geojson(
+        attention.coords,
+        attention.attention,
+        attention.tile_size_level0,
+        slide_id=slide_id,
+        model_version=attention.model_version,
+        tiling_run_id=attention.tiling_run_id,
+        top_k_highlight=top_k_highlight,
+    )
+    return collection, attention
