@@ -36,6 +36,20 @@ def _add_lazy_arguments(parser: argparse.ArgumentParser, module: str, function: 
     getattr(importlib.import_module(module), function)(parser)
 
 
+def _add_services_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    services = sub.add_parser("services", help="start/stop the six services and the viewer in the background")
+    services.add_argument("action", choices=["up", "down", "status", "restart"])
+    services.add_argument("--only", nargs="*", choices=sorted(SERVICES), help="act on these services only")
+    services.add_argument(
+        "--replicas",
+        default="",
+        metavar="NAME=N,...",
+        help="run stages as N members of their consumer group, e.g. tiler=2,quality-filter=2,embedder=2 "
+        "(up/restart; a lower count than running stops the extra members)",
+    )
+    services.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_services"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi",
@@ -59,10 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("service", choices=sorted(SERVICES))
     run.set_defaults(handler=cli_run)
 
-    services = sub.add_parser("services", help="start/stop the six services and the viewer in the background")
-    services.add_argument("action", choices=["up", "down", "status", "restart"])
-    services.add_argument("--only", nargs="*", choices=sorted(SERVICES), help="act on these services only")
-    services.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_services"))
+    _add_services_parser(sub)
 
     synth = sub.add_parser("synth", help="generate synthetic pyramidal slides with ground truth")
     _add_lazy_arguments(synth, "wsitk.shared.slides.synth", "add_synth_arguments")

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     batch_size: int = 16
     infra_backoff_max_s: float = 30.0
     log_level: str = "INFO"
+    lag_interval_s: float = 10.0  # how often each member exports the lag of the partitions it owns
+    replica: str = ""  # this process's instance name when a stage runs several (`wsi services up --replicas`)
     slide_deadline_s: int = 3600
     reconcile_interval_s: int = 300
     poll_interval_s: float = 2.0  # the ingest bucket poller

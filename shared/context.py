@@ -37,7 +37,10 @@ class ServiceContext:
 
     @cached_property
     def cache(self) -> SlideCache:
-        return SlideCache(self.settings.cache_dir / self.service, self.settings.cache_max_bytes)
+        # One directory per process: replicas of a stage (tiler, tiler-2) never evict each other's files.
+        return SlideCache(
+            self.settings.cache_dir / (self.settings.replica or self.service), self.settings.cache_max_bytes
+        )
 
     @cached_property
     def models(self) -> ModelResolver:

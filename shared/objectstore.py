@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -145,7 +146,8 @@ class S3ObjectStore:
 
     def download(self, bucket: str, key: str, dest: Path, version_id: str = "") -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
+        # A name of its own per download: two processes fetching one object never write one file.
+        partial = dest.with_name(f"{dest.name}.{os.getpid()}-{threading.get_ident()}.partial")
         self.client.fget_object(bucket, check_key(key), str(partial), version_id=version_id or None)
         os.replace(partial, dest)
 

@@ -75,42 +75,111 @@ def _log_dir() -> Path:
     return wsi_home() / "logs"
 
 
-def services_up(names: Sequence[str] = SERVICE_NAMES, env: dict[str, str] | None = None) -> dict[str, int]:
-    """Start each service as its own detached process (``wsi run NAME``); returns pids."""
+def instance_names(name: str, replicas: int) -> list[str]:
+    """Process names of a stage run as ``replicas`` members of its consumer group: tiler, tiler-2, ..."""
+    return [name if index == 1 else f"{name}-{index}" for index in range(1, replicas + 1)]
+
+
+def _running_instances(name: str) -> dict[str, int]:
+    """Every running process of one stage (the first member and its replicas), by instance name."""
+    from wsitk.shared.stack.procs import running_pid
+
+    found = {}
+    paths = [_run_dir() / f"service-{name}.pid", *sorted(_run_dir().glob(f"service-{name}-[0-9]*.pid"))]
+    for path in paths:
+        instance = path.name.removeprefix("service-").removesuffix(".pid")
+        if pid := running_pid(path, "wsi"):
+            found[instance] = pid
+    return found
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """``tiler=2,quality-filter=2`` -> {"tiler": 2, "quality-filter": 2}; a readable ValueError otherwise."""
+    counts: dict[str, int] = {}
+    for part in filter(None, (item.strip() for item in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in SERVICE_NAMES:
+            raise ValueError(f"--replicas: unknown service {name!r} (one of {', '.join(SERVICE_NAMES)})")
+        if name == "viewer":  # not a consumer: more of it would only compete for its port
+            raise ValueError("--replicas: the viewer runs as one process locally")
+        if not value.isdigit() or not 1 <= int(value) <= 16:
+            raise ValueError(f"--replicas: {part!r} needs a count from 1 to 16 (e.g. {name}=2)")
+        counts[name] = int(value)
+    return counts
+
+
+def services_up(
+    names: Sequence[str] = SERVICE_NAMES,
+    env: dict[str, str] | None = None,
+    replicas: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """Start each service as its own detached process (``wsi run NAME``); returns pids by instance name.
+
+    ``replicas`` runs a stage as that many members of its consumer group (they share its partitions),
+    each with its own log (``logs/tiler-2.log``), pid file and metrics port (a free one, logged);
+    members above the count that are running are stopped, so the same call scales up and down.
+    """
     from wsitk.shared.stack.procs import running_pid, spawn_detached
 
+    base_env = {**os.environ, **(env or {})}
     pids = {}
     for name in names:
-        pid_path = _run_dir() / f"service-{name}.pid"
-        existing = running_pid(pid_path, "wsi")
-        if existing:
-            pids[name] = existing
-            continue
-        command = [sys.executable, "-m", "wsitk.shared.cli", "run", name]
-        pids[name] = spawn_detached(
-            command, log_path=_log_dir() / f"{name}.log", pid_path=pid_path, env={**os.environ, **(env or {})}
-        )
+        count = (replicas or {}).get(name, 1)
+        for index, instance in enumerate(instance_names(name, count), start=1):
+            pid_path = _run_dir() / f"service-{instance}.pid"
+            existing = running_pid(pid_path, "wsi")
+            if existing:
+                pids[instance] = existing
+                continue
+            member_env = dict(base_env)
+            if index > 1:
+                member_env["WSI_REPLICA"] = instance
+                member_env["WSI_METRICS_PORT"] = "0"  # a free port each; the first keeps the configured one
+            command = [sys.executable, "-m", "wsitk.shared.cli", "run", name]
+            pids[instance] = spawn_detached(
+                command, log_path=_log_dir() / f"{instance}.log", pid_path=pid_path, env=member_env
+            )
+        if replicas is not None and name in replicas:
+            extra = [i for i in _running_instances(name) if i not in instance_names(name, count)]
+            _stop_instances(extra)
     return pids
 
 
-def services_down(names: Sequence[str] = SERVICE_NAMES, timeout_s: float = 30.0) -> list[str]:
+def _stop_instances(instances: Sequence[str], timeout_s: float = 30.0) -> list[str]:
     from wsitk.shared.stack.procs import running_pid, terminate
 
     stopped = []
-    for name in names:
-        pid_path = _run_dir() / f"service-{name}.pid"
+    for instance in instances:
+        pid_path = _run_dir() / f"service-{instance}.pid"
         pid = running_pid(pid_path, "wsi")
         if pid:
             terminate(pid, timeout_s=timeout_s)
-            stopped.append(name)
+            stopped.append(instance)
         pid_path.unlink(missing_ok=True)
     return stopped
 
 
+def services_down(names: Sequence[str] = SERVICE_NAMES, timeout_s: float = 30.0) -> list[str]:
+    """Stop each named service, every replica of it included; returns the instances stopped."""
+    instances: list[str] = []
+    for name in names:
+        instances += [name, *(i for i in _running_instances(name) if i != name)]
+    return _stop_instances(instances, timeout_s)
+
+
 def services_status(names: Sequence[str] = SERVICE_NAMES) -> dict[str, int | None]:
+    """Pid of each named service's first member (None when stopped)."""
     from wsitk.shared.stack.procs import running_pid
 
     return {name: running_pid(_run_dir() / f"service-{name}.pid", "wsi") for name in names}
+
+
+def replica_status(names: Sequence[str] = SERVICE_NAMES) -> dict[str, int]:
+    """Pids of every running member of the named services, replicas included, by instance name."""
+    found: dict[str, int] = {}
+    for name in names:
+        found.update(_running_instances(name))
+    return found
 
 
 def viewer_url(timeout_s: float = 15.0) -> str:
@@ -131,17 +200,32 @@ def viewer_url(timeout_s: float = 15.0) -> str:
 
 def cli_services(args: argparse.Namespace) -> int:
     names = args.only or list(SERVICE_NAMES)
+    try:
+        replicas = parse_replicas(args.replicas) if getattr(args, "replicas", "") else None
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if replicas and args.action not in {"up", "restart"}:
+        print("--replicas goes with `up` or `restart`", file=sys.stderr)
+        return 2
+    if replicas and args.only:  # --only tiler --replicas embedder=2 acts on both
+        names = list(dict.fromkeys([*names, *replicas]))
     if args.action in {"down", "restart"}:
         print("stopped:", ", ".join(services_down(names)) or "none running")
     if args.action in {"up", "restart"}:
-        for name, pid in services_up(names).items():
-            print(f"{name:15s} pid {pid:>7d}  log {_log_dir() / (name + '.log')}")
+        for instance, pid in services_up(names, replicas=replicas).items():
+            print(f"{instance:15s} pid {pid:>7d}  log {_log_dir() / (instance + '.log')}")
         if "viewer" in names and (url := viewer_url()):
             print(f"viewer at {url}")
     if args.action == "status":
         status = services_status(names)
+        members = replica_status(names)
         for name, running in status.items():
-            print(f"{name:15s} {'running pid ' + str(running) if running else 'stopped'}")
+            extra = sorted(i for i in members if i != name and i.rsplit("-", 1)[0] == name)
+            state = "running pid " + str(running) if running else "stopped"
+            if extra:
+                state += f" (+ replicas {', '.join(f'{i} pid {members[i]}' for i in extra)})"
+            print(f"{name:15s} {state}")
         return 0 if all(status.values()) else 1
     return 0
 

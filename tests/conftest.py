@@ -78,11 +78,13 @@ class Pipeline:
             }
         )
 
-    def start(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
+    def start(
+        self, names: tuple[str, ...] | None = None, replicas: dict[str, int] | None = None
+    ) -> dict[str, int]:
         from wsitk.shared.ops import SERVICE_NAMES, services_up
 
         os.environ["WSI_HOME"] = str(self.home)
-        return services_up(names or SERVICE_NAMES, env=self.env)
+        return services_up(names or SERVICE_NAMES, env=self.env, replicas=replicas)
 
     def stop(self, names: tuple[str, ...] | None = None) -> None:
         from wsitk.shared.ops import SERVICE_NAMES, services_down
@@ -174,6 +176,7 @@ def pipeline_env(stack: Any, models: Path, home: Path, **extra: str) -> dict[str
         "WSI_TILES_PER_SHARD": "48",
         "WSI_ISOLATION_MEMORY_BYTES": str(3 * 1024**3),
         "WSI_VIEWER_PORT": "0",  # the viewer picks a free port and logs it (Pipeline.metrics_port)
+        "WSI_LAG_INTERVAL_S": "2",
         **extra,
     }
 

@@ -18,7 +18,6 @@ worker on the local broker waited over 100 s for partitions; with these it resum
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import faust
 import structlog
 from wsitk.services.mil_scorer.scorer import SERVICE, MilScorer
-from wsitk.shared.bus.kafka import Outgoing
+from wsitk.shared.bus.kafka import Outgoing, report_lag
 from wsitk.shared.bus.runtime import AttemptLedger, Incoming, dead_letter_outputs
 from wsitk.shared.config import Settings, wsi_home
 from wsitk.shared.context import ServiceContext
@@ -36,7 +35,6 @@ from wsitk.shared.errors import PermanentError, is_transient
 from wsitk.shared.logging import configure_logging, get_logger
 from wsitk.shared.metrics import (
     BUILD_INFO,
-    CONSUMER_LAG,
     DEAD_LETTERS,
     ERRORS,
     EVENTS_IN,
@@ -176,12 +174,13 @@ class ScorerStream:
         await asyncio.to_thread(self.ledger.clear, [message])
 
 
-def scorer_datadir() -> Path:
+def scorer_datadir(replica: str = "") -> Path:
     """Faust's data directory: under WSI_HOME (writable in containers), never the working directory.
 
-    Created here with its parents: Faust itself creates only the last component.
+    One per local member (``replica``, e.g. ``mil-scorer-2``). Created here with its parents: Faust
+    itself creates only the last component.
     """
-    path = wsi_home() / "mil-scorer" / "faust"
+    path = wsi_home() / (replica or "mil-scorer") / "faust"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -201,7 +200,7 @@ def build_app(settings: Settings) -> faust.App:
         store="memory://",
         # Faust keeps its app directory (v1/, tables) under datadir, by default "<name>-data" in the
         # working directory: in an image that is the read-only root. WSI_HOME is writable everywhere.
-        datadir=str(scorer_datadir()),
+        datadir=str(scorer_datadir(settings.replica)),
         topic_partitions=partitions,
         topic_replication_factor=1,
         topic_allow_declare=False,  # topics come from the topic table, never from a stream processor
@@ -248,16 +247,13 @@ def build_app(settings: Settings) -> faust.App:
                 structlog.contextvars.unbind_contextvars("slide_id", "event_id")
                 IN_FLIGHT.labels(SERVICE).set(0)
 
-    @app.timer(interval=10.0)
-    async def report_lag() -> None:
-        """Consumer lag per input partition, as the other services export it (wsi_consumer_lag_messages)."""
-        consumer = app.consumer
-        for tp in consumer.assignment():
-            with contextlib.suppress(Exception):  # a partition being revoked right now: next round
-                high = consumer.highwater(tp)
-                position = await consumer.position(tp)
-                if high is not None and position is not None:
-                    CONSUMER_LAG.labels(SERVICE, tp.topic, str(tp.partition)).set(max(high - position, 0))
+    lag_partitions: set[tuple[str, int]] = set()
+
+    @app.timer(interval=settings.lag_interval_s)
+    async def lag() -> None:
+        """Consumer lag per owned input partition, as the other services export it (``report_lag``)."""
+        nonlocal lag_partitions
+        lag_partitions = await report_lag(app.consumer, SERVICE, lag_partitions)
 
     @app.task
     async def serve_health() -> None:

@@ -8,6 +8,7 @@ correctness (only for the lag gauge), and a quick first group join.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,11 @@ from google.protobuf.message import Message
 from wsitk.shared.config import Settings
 from wsitk.shared.contracts import encode
 from wsitk.shared.errors import PermanentError
+from wsitk.shared.logging import get_logger
+from wsitk.shared.metrics import CONSUMER_LAG
 from wsitk.shared.topics import topic, topic_table
+
+_log = get_logger()
 
 
 @dataclass
@@ -101,3 +106,30 @@ async def produce_all(producer: AIOKafkaProducer, outputs: Iterable[Outgoing]) -
         futures.append(await producer.send(out.topic, value=value, key=out.key.encode(), headers=headers))
     if futures:
         await asyncio.gather(*futures)
+
+
+async def report_lag(consumer: Any, service: str, reported: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Set ``wsi_consumer_lag_messages`` for the partitions this member owns now; drop the others.
+
+    ``reported`` is what the previous call exported (start with an empty set); the new set is returned.
+    After a rebalance a member no longer owns some partitions: their series are removed, so that the
+    stage's lag is the sum over its members of what each one owns, and a stage that has handed its
+    partitions to a new member does not go on reporting their old lag. A partition whose position
+    cannot be read right now (being revoked) keeps no series until the next call.
+    """
+    owned: set[tuple[str, int]] = set()
+    for tp in consumer.assignment():
+        try:
+            high = consumer.highwater(tp)
+            position = await consumer.position(tp)
+        except Exception as exc:  # revoked while we asked: the next round has the new owner's view
+            _log.debug("lag not readable", topic=tp.topic, partition=tp.partition, error=str(exc))
+            continue
+        if high is None or position is None:
+            continue
+        owned.add((tp.topic, tp.partition))
+        CONSUMER_LAG.labels(service, tp.topic, str(tp.partition)).set(max(high - position, 0))
+    for topic_name, partition in reported - owned:
+        with contextlib.suppress(KeyError):  # never exported by this process
+            CONSUMER_LAG.remove(service, topic_name, str(partition))
+    return owned

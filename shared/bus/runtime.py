@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from google.protobuf.message import Message
-from wsitk.shared.bus.kafka import Outgoing, make_consumer, make_producer, produce_all
+from wsitk.shared.bus.kafka import Outgoing, make_consumer, make_producer, produce_all, report_lag
 from wsitk.shared.config import Settings
 from wsitk.shared.contracts import MalformedEvent, decode, new_meta, package_version, pb
 from wsitk.shared.db.connection import Database
@@ -44,7 +44,6 @@ from wsitk.shared.logging import configure_logging, get_logger
 from wsitk.shared.metrics import (
     BATCH_SIZE,
     BUILD_INFO,
-    CONSUMER_LAG,
     DEAD_LETTERS,
     ERRORS,
     EVENTS_IN,
@@ -252,13 +251,21 @@ class ServiceRuntime:
 
     async def run(self) -> int:
         configure_logging(self.spec.name, self.settings.log_level)
+        if self.settings.replica:
+            structlog.contextvars.bind_contextvars(replica=self.settings.replica)
         BUILD_INFO.labels(self.spec.name, package_version()).set(1)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         self._health = HealthServer(self.settings.metrics_host, self.settings.metrics_port, self.ready)
         port = await self._health.start()
-        log.info("service starting", settings=self.settings.masked(), metrics_port=port, group=self.group)
+        log.info(
+            "service starting",
+            settings=self.settings.masked(),
+            metrics_port=port,
+            group=self.group,
+            replica=self.settings.replica or self.spec.name,
+        )
         try:
             await self._connect()
             tasks = [asyncio.create_task(self._lag_reporter())]
@@ -567,19 +574,11 @@ class ServiceRuntime:
 
     # -- background ------------------------------------------------------------------------------
     async def _lag_reporter(self) -> None:
+        reported: set[tuple[str, int]] = set()
         while True:
-            await asyncio.sleep(10)
-            consumer = self.consumer
-            if consumer is None:
-                continue
-            for tp in consumer.assignment():
-                with contextlib.suppress(Exception):
-                    high = consumer.highwater(tp)
-                    position = await consumer.position(tp)
-                    if high is not None:
-                        CONSUMER_LAG.labels(self.spec.name, tp.topic, str(tp.partition)).set(
-                            max(high - position, 0)
-                        )
+            await asyncio.sleep(self.settings.lag_interval_s)
+            if self.consumer is not None:
+                reported = await report_lag(self.consumer, self.spec.name, reported)
 
     async def _periodic(self, interval: float, fn: PeriodicTask) -> None:
         """Run ``fn(produce)`` now and then every ``interval`` seconds, in a worker thread."""
