@@ -29,7 +29,7 @@ def _embed(store: FilesystemObjectStore, model: Path, shard_tiles: dict[str, int
             for i in range(count)
         ]
         key = f"tiles/slide-x/run7/{shard_id}.shard"
-        header = {"tile_size": 32, "mpp": 0.5, "tile_size_level0": 64.0}
+        header = {"tile_size": 32, "mpp": 0.5, "tile_mpp": 0.499, "tile_size_level0": 64.0}
         store.put_if_absent(BUCKET, key, pack_shard(header, tiles))
         jobs.append(ShardJob("slide-x", "run7", shard_id, BUCKET, key))
     runner = BackboneRunner(model, batch_size=4, prefer=("CPUExecutionProvider",))
@@ -58,6 +58,7 @@ def test_h5_export_has_clam_layout_and_refuses_to_mix_backbones(tmp_path: Path) 
         ]  # shard order
         attrs = dict(handle["coords"].attrs)
         assert attrs["patch_size"] == 32 and attrs["patch_level"] == 0 and attrs["patch_size_level0"] == 64
+        assert attrs["target_mpp"] == 0.5 and attrs["mpp"] == pytest.approx(0.499)  # cut as stored
         assert handle.attrs["backbone_id"] == runner.backbone_id and handle.attrs["tiling_run_id"] == "run7"
     stored = np.load(store._path(BUCKET, f"embeddings/slide-x/run7/{runner.backbone_id}/s00000.npz"))
     np.testing.assert_array_equal(features[:2], stored["features"].astype(np.float32))

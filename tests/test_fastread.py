@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
-from wsitk.shared.slides.fastread import decode_jpeg_tile, open_fast_reader
+from google.protobuf import json_format
+from PIL import Image
+from wsitk.services.tiler.handler import tile_slide
+from wsitk.shared.contracts import pb
+from wsitk.shared.shards import Shard, ShardTile, pack_shard
+from wsitk.shared.slides.fastread import _splice_tables, decode_jpeg_tile, open_fast_reader
 from wsitk.shared.slides.synth import SynthSpec, generate_slide, render_region
-from wsitk.shared.slides.tiling import plan_tiles, read_tile
+from wsitk.shared.slides.tiling import TileGrid, plan_tiles, read_tile
 from wsitk.shared.slides.tissue import TissueMask
+
+from tests.conftest import REPO_ROOT
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "openslide-python"
 
@@ -87,6 +95,10 @@ def test_rgb_coded_tiles_need_the_colour_space(tmp_path: Path) -> None:
         half = decode_jpeg_tile(data, level.tables, rgb_coded=True, scale=2)
         boxed = right.astype(float).reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
         assert half.shape == (128, 128, 3) and np.abs(half - boxed).mean() < 2
+        # The same DCT-domain decode as Pillow's draft mode (libjpeg-turbo's scale_denom), pixel for pixel.
+        with Image.open(io.BytesIO(_splice_tables(data, level.tables, True))) as drafted:
+            drafted.draft("RGB", (128, 128))
+            assert np.array_equal(half, np.asarray(drafted.convert("RGB")))
     assert max(right for right, _ in errors) < 3
     assert max(wrong for _, wrong in errors) > 10, errors  # decoded as YCbCr, tissue turns green
 
@@ -152,3 +164,112 @@ def test_memory_stays_bounded_by_the_cache(tmp_path: Path) -> None:
         reader.read_region(0, x, 0, 256, 1200)
     assert reader._cached_bytes <= 400_000 + 240 * 240 * 3
     reader.close()
+
+
+REAL_SCAN = REPO_ROOT.parent / "shared" / "fixtures" / "real" / "CMU-1-Small-Region.svs"
+
+
+def _all_tissue(width: int, height: int, mpp: float) -> TissueMask:
+    """Every tile counts as tissue: these tests are about pixels, not segmentation."""
+    return TissueMask(np.ones((20, 20), bool), (width / 20, height / 20), mpp, 0.0, {}, 0.0, 0.0)
+
+
+def _grid(slide: openslide.OpenSlide, target_mpp: float, tile_size: int) -> TileGrid:
+    width, height = slide.dimensions
+    mpp0 = float(slide.properties["openslide.mpp-x"])
+    return plan_tiles(
+        width,
+        height,
+        mpp0,
+        _all_tissue(width, height, mpp0),
+        target_mpp=target_mpp,
+        tile_size=tile_size,
+        min_tissue_fraction=0.01,
+        level_downsamples=list(slide.level_downsamples),
+    )
+
+
+def test_real_scan_at_0499_gives_the_same_tiles_from_both_readers() -> None:
+    """CMU-1-Small-Region (0.499 um/px) for 0.5 um/px: cut as stored, so no resize on either path."""
+    slide, reader = _open(REAL_SCAN)
+    with slide:
+        grid = _grid(slide, 0.5, 256)
+        assert (grid.exact_scale, grid.read_size, grid.tile_size_level0) == (1, 256, 256.0)
+        assert grid.tile_mpp == pytest.approx(0.499)
+        assert reader.scale_for(grid) == 1  # type: ignore[attr-defined]
+        differences = []
+        for x, y in grid.coords[:: max(1, len(grid) // 12)]:
+            fast = reader.read_tile(grid, int(x), int(y))  # type: ignore[attr-defined]
+            reference = read_tile(slide, grid, int(x), int(y))
+            assert fast.shape == reference.shape == (256, 256, 3)
+            differences.append(np.abs(fast.astype(int) - reference.astype(int)).mean())
+    assert max(differences) < 0.5, differences  # same box, same decoder: identical up to edge alpha
+
+
+def test_scanner_40x_at_02527_is_decoded_at_half_size_without_resize(tmp_path: Path) -> None:
+    spec = SynthSpec(width=1440, height=960, mpp=0.2527, seed=3, tile_size=240, jpeg_tables=True)
+    generate_slide(tmp_path / "s40.svs", spec)
+    slide, reader = _open(tmp_path / "s40.svs")
+    with slide:
+        grid = _grid(slide, 0.5, 128)
+        assert (grid.level, grid.exact_scale, grid.read_size) == (0, 2, 256)
+        assert grid.tile_mpp == pytest.approx(0.5054)
+        assert reader.scale_for(grid) == 2  # type: ignore[attr-defined]
+        differences = []
+        for x, y in grid.coords:
+            fast = reader.read_tile(grid, int(x), int(y))  # type: ignore[attr-defined]
+            reference = read_tile(slide, grid, int(x), int(y))  # 256 px, Lanczos by exactly 1/2
+            assert fast.shape == reference.shape == (128, 128, 3)
+            differences.append(np.abs(fast.astype(int) - reference.astype(int)).mean())
+    assert max(differences) < 6.0, differences
+
+
+def test_passthrough_bytes_decode_to_the_readers_pixels(variant_slide: tuple[Path, SynthSpec]) -> None:
+    path, spec = variant_slide
+    slide, reader = _open(path)
+    with slide:
+        grid = _grid(slide, spec.mpp, 240)  # the stored tiles' scale and size: every interior tile
+        level = reader.levels[0]  # type: ignore[attr-defined]
+        passed = 0
+        for x, y in grid.coords:
+            data = reader.passthrough_jpeg(grid, int(x), int(y))  # type: ignore[attr-defined]
+            inside = x + 240 <= spec.width and y + 240 <= spec.height
+            assert (data is not None) == inside, (x, y)
+            if data is None:
+                continue
+            passed += 1
+            stored = reader.stored_tile_bytes(0, int(x) // 240, int(y) // 240)  # type: ignore[attr-defined]
+            assert data.endswith(stored[2:]) and data.startswith(b"\xff\xd8")  # the stored scan, untouched
+            expected = reader.read_tile(grid, int(x), int(y))  # type: ignore[attr-defined]
+            in_shard = Shard(pack_shard({}, [ShardTile(int(x), int(y), data)]))
+            assert np.array_equal(in_shard.decode(0), expected)  # as every later stage decodes it
+            with Image.open(io.BytesIO(data)) as opened:  # and a standalone JPEG for any decoder
+                assert np.array_equal(np.asarray(opened.convert("RGB")), expected)
+        assert passed == (spec.width // 240) * (spec.height // 240)
+        assert (level.tables is not None) == bool(VARIANTS[path.stem].get("jpeg_tables"))
+        # Any other geometry is decoded: another size, or off the stored origin.
+        assert reader.passthrough_jpeg(_grid(slide, spec.mpp, 256), 0, 0) is None  # type: ignore[attr-defined]
+        assert reader.passthrough_jpeg(_grid(slide, 0.5, 240), 0, 0) is None  # type: ignore[attr-defined]
+
+
+def test_tiler_passes_stored_tiles_through_and_encodes_the_rest(tmp_path: Path) -> None:
+    """The real RGB-coded Aperio scan at its own 240 px tiles: interior tiles are its bytes, edges re-encoded."""
+    profile = pb.PipelineProfile(target_mpp=0.5, tile_size=240, tiles_per_shard=500, min_tissue_fraction=0.25)
+    plan = tile_slide(str(REAL_SCAN), json_format.MessageToJson(profile), str(tmp_path), "cmu")
+    assert plan["reader"] == "libjpeg-turbo" and not plan["resampled"]
+    assert plan["tile_mpp"] == pytest.approx(0.499) and plan["mpp_tolerance"] == 0.02
+    assert 0 < plan["tiles_passed_through"] < plan["total_tiles"]  # edge tiles are painted and encoded
+    shard = Shard((tmp_path / f"{plan['shards'][0]['shard_id']}.shard").read_bytes())
+    assert shard.header["tile_mpp"] == pytest.approx(0.499) and shard.header["mpp"] == 0.5
+    slide, reader = _open(REAL_SCAN)
+    with slide:
+        grid = _grid(slide, 0.5, 240)
+        passed = 0
+        for index, (x, y) in enumerate(shard.coords.tolist()):
+            stored = reader.passthrough_jpeg(grid, x, y)  # type: ignore[attr-defined]
+            if stored is None:
+                continue
+            passed += 1
+            assert shard.tile_bytes(index) == stored
+            assert np.array_equal(shard.decode(index), reader.read_tile(grid, x, y))  # type: ignore[attr-defined]
+    assert passed == plan["tiles_passed_through"]

@@ -67,6 +67,39 @@ def test_real_scan_tissue_mask_matches_the_reference(cmu_run: tuple[dict, Path])
     assert plan["background"]["source"] == "glass-mode"
 
 
+def test_real_scan_is_cut_as_stored_at_its_own_scale(cmu_run: tuple[dict, Path]) -> None:
+    """0.499 um/px is within the scale tolerance of 0.5: 224 stored px per tile, no resampling, and the
+    plan and every shard say the tiles are 0.499 um/px."""
+    plan, out = cmu_run
+    assert plan["reader"] == "libjpeg-turbo" and not plan["resampled"]
+    assert plan["tile_size_level0"] == 224.0 and plan["tile_mpp"] == pytest.approx(0.499)
+    assert plan["mpp_tolerance"] == 0.02 and plan["tiles_passed_through"] == 0  # 224 px on 240 px tiles
+    shard = Shard((out / f"{plan['shards'][0]['shard_id']}.shard").read_bytes())
+    assert shard.header["tile_mpp"] == pytest.approx(0.499) and shard.header["tile_size_level0"] == 224.0
+    assert np.all(shard.coords % 224 == 0)
+    # The published TilePlan carries the true scale and the tolerance.
+    from types import SimpleNamespace
+
+    from wsitk.services.tiler.handler import TilerHandler
+    from wsitk.shared.contracts import new_meta
+
+    ref = {"bucket": "artifacts", "key": "k", "size": 1, "sha256": "0" * 64, "etag": "", "version_id": ""}
+    manifest = {
+        **plan,
+        "tissue_mask": ref,
+        "shard_refs": {entry["shard_id"]: ref for entry in plan["shards"]},
+    }
+    ingested = pb.SlideIngested(
+        meta=new_meta(service="ingest", slide_id="cmu", event_parts=["cmu"]),
+        profile=pb.PipelineProfile(target_mpp=0.5, tile_size=224),
+    )
+    handler = TilerHandler(SimpleNamespace(settings=SimpleNamespace(isolation_memory_bytes=1 << 30)))  # type: ignore[arg-type]
+    tile_plan = handler._events(ingested, "run", manifest)[0].message
+    assert isinstance(tile_plan, pb.TilePlan)
+    assert tile_plan.tile_mpp == pytest.approx(0.499) and tile_plan.mpp_tolerance == pytest.approx(0.02)
+    assert tile_plan.tile_size_level0 == 224
+
+
 def test_real_scan_accepted_tiles_cover_the_reference_tissue(cmu_run: tuple[dict, Path]) -> None:
     plan, out = cmu_run
     reference = np.asarray(Image.open(REAL / "CMU-1-Small-Region.tissue-4um.png").convert("L")) > 127
@@ -88,7 +121,10 @@ def test_real_scan_accepted_tiles_cover_the_reference_tissue(cmu_run: tuple[dict
     precision = (accepted & reference).sum() / accepted.sum()
     print(f"CMU accepted tiles: coverage {coverage:.3f}, precision {precision:.3f}, reasons {reasons}")
     assert coverage >= 0.93, (coverage, reasons)
-    assert precision >= 0.78, (precision, reasons)
+    # Tiles are whole 224 px squares against a 4 um reference, so one boundary tile moves precision by about
+    # a point: 0.786 on the 224.45 px grid of a resampled 0.5 um/px plan, 0.776 on the 224 px grid cut as
+    # stored at 0.499 um/px (within the scale tolerance).
+    assert precision >= 0.77, (precision, reasons)
 
 
 def _labelled_tiles() -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from numpy.typing import NDArray
 from wsitk.shared.slides.reader import SlideRejected
-from wsitk.shared.slides.tiling import iter_tiles, plan_tiles, read_tile
+from wsitk.shared.slides.tiling import MPP_TOLERANCE, TileGrid, iter_tiles, plan_tiles, read_tile
 from wsitk.shared.slides.tissue import (
     TissueMask,
     mask_to_geojson,
@@ -455,19 +455,87 @@ def test_slide_coarser_than_target_is_rejected() -> None:
         )
     assert caught.value.code == "resolution-too-low"
     assert "target_mpp" in caught.value.reason
-    # A scan a little coarser than the target (0.5034 vs 0.5) is fine, read at level 0.
+    # A scan a little coarser than the target (0.5034 vs 0.5) is fine, read at level 0: within the scale
+    # tolerance as stored, else (tolerance 0) resampled from 222 px.
     close = TissueMask(np.ones((10, 10), dtype=bool), (100.0, 100.0), 0.5034, 1.0, {}, 0.1, 0.0)
-    grid = plan_tiles(
-        1000,
-        1000,
-        0.5034,
-        close,
+    for tolerance, read_size in ((MPP_TOLERANCE, 224), (0.0, 222)):
+        grid = plan_tiles(
+            1000,
+            1000,
+            0.5034,
+            close,
+            target_mpp=0.5,
+            tile_size=224,
+            min_tissue_fraction=0.5,
+            level_downsamples=[1.0],
+            mpp_tolerance=tolerance,
+        )
+        assert grid.level == 0 and grid.read_size == read_size
+
+
+def _plan_on(mpp0: float, level_downsamples: list[float], tile_size: int = 224) -> TileGrid:
+    width, height = 4000, 3000
+    tissue = TissueMask(np.ones((30, 40), dtype=bool), (100.0, 100.0), mpp0, 1.0, {}, 0.1, 0.0)
+    return plan_tiles(
+        width,
+        height,
+        mpp0,
+        tissue,
         target_mpp=0.5,
+        tile_size=tile_size,
+        min_tissue_fraction=0.5,
+        level_downsamples=level_downsamples,
+    )
+
+
+def test_real_scanner_scales_are_cut_as_stored_within_the_tolerance() -> None:
+    # 0.499 um/px (CMU-1-Small-Region's calibration): level 0 as stored, 224 stored px per tile, and the
+    # plan says the tiles are 0.499 um/px; the grid lands on level pixels, so on the stored JPEG tiles.
+    grid = _plan_on(0.499, [1.0, 4.0])
+    assert (grid.level, grid.read_size, grid.tile_size_level0, grid.exact_scale) == (0, 224, 224.0, 1)
+    assert grid.tile_mpp == pytest.approx(0.499) and not grid.resampled
+    assert grid.stride_level0 == 224.0 and np.all(grid.coords % 224 == 0)
+    assert grid.mpp_tolerance == MPP_TOLERANCE == 0.02
+    # 0.504 and 0.2457/0.2527 (40x, level 0 halved: DCT-domain 1/2 in the fast reader) are within 2%.
+    assert _plan_on(0.504, [1.0]).exact_scale == 1
+    for mpp0 in (0.2457, 0.2527):
+        grid = _plan_on(mpp0, [1.0, 4.0, 16.0])
+        assert (grid.level, grid.exact_scale, grid.read_size, grid.tile_size_level0) == (0, 2, 448, 448.0)
+        assert grid.tile_mpp == pytest.approx(2 * mpp0)
+    # A pyramid level within tolerance is used as stored, with its own (non-integer) downsample.
+    grid = _plan_on(0.125, [1.0, 4.0004, 16.0])
+    assert (grid.level, grid.exact_scale, grid.read_size) == (1, 1, 224)
+    assert grid.tile_size_level0 == pytest.approx(224 * 4.0004)
+    assert grid.tile_mpp == pytest.approx(0.125 * 4.0004)
+    # Level coordinates of every tile are whole multiples of the tile: the readers round back exactly.
+    level_xy = np.rint(grid.coords / grid.level_downsample)
+    assert np.all(level_xy % 224 == 0)
+
+
+def test_scales_outside_the_tolerance_are_resampled_as_before() -> None:
+    grid = _plan_on(0.47, [1.0])  # 6% finer than the target: resampled to exactly 0.5 um/px
+    assert grid.resampled and grid.exact_scale is None
+    assert grid.read_size == round(224 * 0.5 / 0.47) and grid.tile_size_level0 == pytest.approx(
+        224 * 0.5 / 0.47
+    )
+    assert grid.tile_mpp == 0.5
+    # 0.2 um/px: half is 0.4, 20% off; read at level 0 and resized.
+    grid = _plan_on(0.2, [1.0, 4.0])
+    assert grid.resampled and (grid.level, grid.read_size) == (0, 560)
+    # The tolerance never reaches for a finer level than resampling would read: 0.25 um/px with levels
+    # 1, 3, 9 for a 1.0 um/px target reads level 1 and resizes, not level 0 at 1/4.
+    tissue = TissueMask(np.ones((30, 40), dtype=bool), (100.0, 100.0), 0.25, 1.0, {}, 0.1, 0.0)
+    coarse = plan_tiles(
+        4000,
+        3000,
+        0.25,
+        tissue,
+        target_mpp=1.0,
         tile_size=224,
         min_tissue_fraction=0.5,
-        level_downsamples=[1.0],
+        level_downsamples=[1.0, 3.0, 9.0],
     )
-    assert grid.level == 0 and grid.read_size == 222
+    assert coarse.resampled and coarse.level == 1
 
 
 def test_mask_of_another_slide_is_refused() -> None:

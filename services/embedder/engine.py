@@ -18,7 +18,8 @@ benchmark and on a machine with no servers at all. How it keeps the model busy:
 
 Outputs are written put-if-absent under ``embeddings/{slide}/{tiling run}/{backbone id}/{shard}.npz``:
 ``features`` float16 [N, D], ``coords`` int64 [N, 2] (level-0 top-left corners of the accepted tiles, in
-shard order), and the tile geometry (``tile_size`` px at ``mpp`` um/px, ``tile_size_level0``) for
+shard order), and the tile geometry (``tile_size`` px at ``mpp`` um/px, the profile's target;
+``tile_mpp``, the tiles' true scale, within the tiler's tolerance of it; ``tile_size_level0``) for
 exports. The backbone id in the key is what keeps two backbones' embeddings of one slide apart.
 """
 
@@ -342,6 +343,7 @@ class EmbeddingEngine:
             tile_size=np.int64(header.get("tile_size", 0)),
             tile_size_level0=np.float64(header.get("tile_size_level0", 0.0)),
             mpp=np.float64(header.get("mpp", 0.0)),
+            tile_mpp=np.float64(header.get("tile_mpp", header.get("mpp", 0.0))),  # older shards: resampled
         )
         stored = self.store.put_if_absent(self.artifacts_bucket, self.key_for(state.job), buffer.getvalue())
         state.shard, state.features = None, None  # release the shard's bytes and features early

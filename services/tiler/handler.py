@@ -8,7 +8,11 @@ and (4) publishes the ``TilePlan`` and then one ``TileShard`` per shard.
 
 Pixels come from the fast reader (``shared/slides/fastread.py``: the slide's own JPEG tiles through
 libjpeg-turbo, DCT-scaled for 20x from 40x) when the slide is Aperio or generic tiled TIFF with JPEG
-tiles, and from OpenSlide otherwise; the plan records which (``reader``) and why not. When the
+tiles, and from OpenSlide otherwise; the plan records which (``reader``) and why not. A tile that is
+exactly one stored JPEG tile (the slide's scale within ``MPP_TOLERANCE`` of the target, the profile's
+tile size the stored one's) is written into its shard as the stored compressed bytes, neither decoded
+nor re-encoded (``tiles_passed_through``). The plan records the tiles' true scale (``tile_mpp``: 0.499
+for a 0.5 target on a 0.499 um/px scan, cut without resampling) and the tolerance used. When the
 profile asks for stain normalisation, it is fitted here once per slide on an evenly spread sample of
 its tissue tiles and carried on every ``TileShard`` (``stain``).
 
@@ -27,7 +31,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +49,11 @@ from wsitk.shared.topics import SLIDES_FAILED, TILE_PLANS, TILE_SHARDS
 
 if TYPE_CHECKING:
     import numpy as np
+    import openslide
     from numpy.typing import NDArray
+    from wsitk.shared.shards import ShardTile
+    from wsitk.shared.slides.fastread import FastTileReader
+    from wsitk.shared.slides.tiling import TileGrid
 
 SERVICE = "tiler"
 log = get_logger()
@@ -72,10 +80,10 @@ def tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dic
 def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dict[str, Any]:
     import numpy as np
     import openslide
-    from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
+    from wsitk.shared.shards import pack_shard
     from wsitk.shared.slides.fastread import open_fast_reader
     from wsitk.shared.slides.reader import mpp_for
-    from wsitk.shared.slides.tiling import fill_outside_slide, iter_tiles, plan_tiles
+    from wsitk.shared.slides.tiling import plan_tiles
     from wsitk.shared.slides.tissue import segment_tissue
 
     profile = json_format.Parse(profile_json, pb.PipelineProfile())
@@ -111,31 +119,28 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
             fast.close()
             fast = None
 
+        cutter = ShardTileCutter(grid, (width, height), tissue.background.white, fast=fast, slide=slide)
+
         def tiles_of(indices: list[int]) -> Iterator[tuple[int, NDArray[np.uint8]]]:
-            tiles = fast.iter_tiles(grid, indices) if fast is not None else iter_tiles(slide, grid, indices)
-            for index, tile in tiles:
-                x, y = (int(v) for v in coords[index])
-                yield index, fill_outside_slide(tile, grid, x, y, (width, height), tissue.background.white)
+            for index in indices:
+                yield index, cutter.pixels(index)
 
         stain = _fit_stain(str(getattr(profile, "stain_method", "")), len(coords), tiles_of)
         per_shard = int(profile.tiles_per_shard)
         shards = []
         for index, start in enumerate(range(0, len(coords), per_shard)):
             indices = list(range(start, min(start + per_shard, len(coords))))
-            tiles = (
-                ShardTile(int(coords[i][0]), int(coords[i][1]), encode_jpeg(tile))
-                for i, tile in tiles_of(indices)
-            )
             header = {
                 "slide_id": slide_id,
                 "shard_id": shard_id_for(index),
                 "tile_size": int(profile.tile_size),
                 "mpp": float(profile.target_mpp),
+                "tile_mpp": float(grid.tile_mpp),  # the tiles' true scale (within mpp_tolerance of mpp)
                 "tile_size_level0": float(grid.tile_size_level0),
                 "level": int(grid.level),
                 "background": tissue.background.to_dict(),  # QC measures tissue against this glass
             }
-            data = pack_shard(header, tiles)
+            data = pack_shard(header, cutter.tiles(indices))
             (out / f"{shard_id_for(index)}.shard").write_bytes(data)
             shards.append({"shard_id": shard_id_for(index), "tile_count": len(indices)})
         if fast is not None:
@@ -148,6 +153,10 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
         "level0_mpp": mpp0,
         "level0_mpp_source": mpp.source,
         "tile_size_level0": float(grid.tile_size_level0),
+        "tile_mpp": float(grid.tile_mpp),
+        "mpp_tolerance": float(grid.mpp_tolerance),
+        "resampled": bool(grid.resampled),
+        "tiles_passed_through": cutter.passed_through,
         "tissue_area_mm2": float(tissue.area_mm2),
         "background": tissue.background.to_dict(),
         "width": int(width),
@@ -155,6 +164,56 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
         "total_tiles": len(coords),
         "shards": shards,
     }
+
+
+class ShardTileCutter:
+    """The shard entries (level-0 x, y and JPEG bytes) of a plan's tiles, as the tiler stores them.
+
+    A tile that is exactly one stored JPEG tile, wholly on the slide, is the stored compressed bytes
+    (``FastTileReader.passthrough_jpeg``); any other is read (fast reader, else OpenSlide), painted
+    with the slide's glass past its edge and encoded. Nothing else needs a shard tile's pixels here:
+    tissue fractions come from the mask, and the stain fit reads its own sample.
+    """
+
+    def __init__(
+        self,
+        grid: TileGrid,
+        slide_size: tuple[int, int],
+        white: tuple[float, float, float],
+        *,
+        fast: FastTileReader | None,
+        slide: openslide.OpenSlide,
+    ) -> None:
+        self.grid, self.slide_size, self.white = grid, slide_size, white
+        self.fast, self.slide = fast, slide
+        self.passed_through = 0
+
+    def pixels(self, index: int) -> NDArray[np.uint8]:
+        """Tile ``index`` of the plan as RGB: read (fast reader, else OpenSlide), glass past the slide."""
+        from wsitk.shared.slides.tiling import fill_outside_slide, read_tile
+
+        x, y = (int(v) for v in self.grid.coords[index])
+        tile = (
+            self.fast.read_tile(self.grid, x, y)
+            if self.fast is not None
+            else read_tile(self.slide, self.grid, x, y)
+        )
+        return fill_outside_slide(tile, self.grid, x, y, self.slide_size, self.white)
+
+    def tiles(self, indices: Iterable[int]) -> Iterator[ShardTile]:
+        """Shard entries of tiles ``indices``: the stored bytes where a tile is one stored tile, else encoded."""
+        from wsitk.shared.shards import ShardTile, encode_jpeg
+        from wsitk.shared.slides.tiling import tile_inside_slide
+
+        for index in indices:
+            x, y = (int(v) for v in self.grid.coords[index])
+            if self.fast is not None and tile_inside_slide(self.grid, x, y, self.slide_size):
+                stored = self.fast.passthrough_jpeg(self.grid, x, y)
+                if stored is not None:
+                    self.passed_through += 1
+                    yield ShardTile(x, y, stored)
+                    continue
+            yield ShardTile(x, y, encode_jpeg(self.pixels(index)))
 
 
 #: Tiles sampled (evenly over the plan) to fit a slide's stain normalisation.
@@ -276,6 +335,9 @@ class TilerHandler:
             level=plan["level"],
             level0_mpp=plan["level0_mpp"],
             level0_mpp_source=plan["level0_mpp_source"],
+            tile_mpp=plan["tile_mpp"],
+            resampled=plan["resampled"],
+            tiles_passed_through=plan["tiles_passed_through"],
             reader=plan["reader"],
             reader_fallback_reason=plan["reader_fallback_reason"],
             stain_method=plan["stain"].get("method", ""),
@@ -306,6 +368,9 @@ class TilerHandler:
             slide_width=manifest["width"],
             slide_height=manifest["height"],
             tile_size_level0=round(manifest["tile_size_level0"]),
+            # Older manifests predate the tolerance: their tiles were resampled to the target.
+            tile_mpp=float(manifest.get("tile_mpp", profile.target_mpp)),
+            mpp_tolerance=float(manifest.get("mpp_tolerance", 0.0)),
         )
         background = manifest.get("background") or {}
         plan.background_rgb.extend(background.get("white", []))

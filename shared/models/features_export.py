@@ -6,7 +6,8 @@ One file per slide, as CLAM's ``extract_features_fp.py`` and TRIDENT write them:
 - dataset ``coords``: int64 ``[N, 2]``, level-0 top-left (x, y) of each tile, row i matching feature i;
   attributes as CLAM's patching and TRIDENT write them on ``coords``: ``patch_size`` (pixels at the
   target resolution), ``patch_level`` (0: coordinates are level-0), ``patch_size_level0``,
-  ``target_mpp``, ``name`` (the slide id);
+  ``target_mpp``, ``mpp`` (the patches' true um/px: within the tiler's tolerance of ``target_mpp``, e.g.
+  0.499 on a 0.499 um/px scan cut without resampling), ``name`` (the slide id);
 - file attributes saying what produced it: ``slide_id``, ``tiling_run_id``, ``backbone_id``, ``shards``.
 
 The embeddings are read from the artifacts bucket by slide id
@@ -84,7 +85,7 @@ def export_slide_h5(
         with np.load(io.BytesIO(store.get_bytes(bucket, key))) as data:
             features.append(np.asarray(data["features"], dtype=np.float32))
             coords.append(np.asarray(data["coords"], dtype=np.int64).reshape(-1, 2))
-            for name in ("tile_size", "tile_size_level0", "mpp"):
+            for name in ("tile_size", "tile_size_level0", "mpp", "tile_mpp"):
                 if name in data.files and name not in geometry:
                     geometry[name] = float(data[name])
     all_features = np.concatenate(features)
@@ -98,6 +99,7 @@ def export_slide_h5(
         coords_set.attrs["patch_level"] = 0
         coords_set.attrs["patch_size_level0"] = round(geometry.get("tile_size_level0", 0.0))
         coords_set.attrs["target_mpp"] = float(geometry.get("mpp", 0.0))
+        coords_set.attrs["mpp"] = float(geometry.get("tile_mpp", geometry.get("mpp", 0.0)))
         coords_set.attrs["name"] = slide_id
         handle.attrs["slide_id"] = slide_id
         handle.attrs["tiling_run_id"] = run_id

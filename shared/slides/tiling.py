@@ -8,6 +8,16 @@ never enlarged) and how many pixels to read there; ``read_tile`` reads them and 
 ``tile_size``. Tiles keep level-0 coordinates throughout, the one frame every stage, the heatmap and
 QuPath share.
 
+**Scale tolerance.** Real scanners report 0.2457-0.2527 or 0.499-0.504 um/px, almost never exactly 0.25
+or 0.5. When a level (or that level decoded at 1/2, 1/4 or 1/8 size, which the fast reader does in the
+JPEG's DCT domain) is within ``MPP_TOLERANCE`` of the target, the grid is cut there at exactly
+``tile_size`` pixels of that level, without resampling: a 256 px tile for 0.5 um/px on a 0.499 um/px
+scan is 256 stored pixels (0.2% less tissue across than asked) instead of 256.5 read as 257 and resized
+to 256, which costs a Lanczos pass per tile, softens every tile and keeps the grid off the stored JPEG
+tiles. The grid records the tile's true physical scale (``TileGrid.tile_mpp``), and every stage takes
+tile geometry from the plan (``tile_size_level0``), never from ``tile_size * target_mpp / mpp0``. The
+rule lives here, in the plan, so that the fast reader and the OpenSlide path cut the same tiles.
+
 The grid starts at (0, 0) with a stride of ``tile_size - overlap`` target pixels. Tiles that run past
 the right or bottom edge are kept when they hold enough tissue: OpenSlide returns transparent pixels
 there, which ``read_tile`` turns into white, the colour of glass.
@@ -31,6 +41,14 @@ if TYPE_CHECKING:
 #: How much finer than the scan a target may be (a 0.5 um/px target on a 0.5034 um/px scan is fine,
 #: on a 1.0 um/px "10x" scan it would invent detail the encoder never saw).
 MAX_UPSAMPLE = 1.1
+#: Relative difference between a level's physical scale and the target under which tiles are cut at the
+#: level as stored, without resampling (docs/tiling-and-qc.md, "Scale tolerance"). 2% covers the spread of
+#: calibrations scanners report for the same nominal objective (0.2457-0.2527 for 40x, 0.499-0.504 for 20x),
+#: so that tiles from any of them are cut as stored, while a scan that really differs is still resampled.
+MPP_TOLERANCE = 0.02
+#: Power-of-two reductions cut without a resize: libjpeg-turbo decodes at 1/2, 1/4, 1/8 in the DCT domain,
+#: and OpenSlide's pixels are shrunk by exactly that factor.
+EXACT_SCALES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -50,13 +68,25 @@ class TileGrid:
     coords: NDArray[np.int64]  # [N, 2] level-0 (x, y) of each kept tile's top-left, row-major
     grid_positions: NDArray[np.int64]  # [N, 2] (column, row) of each kept tile in the full grid
     tissue_fraction: NDArray[np.float32]  # [N] share of each tile's area that the mask calls tissue
+    # True physical scale of the output pixels: target_mpp when resampled, the level's own (times
+    # exact_scale) when cut without resampling, e.g. 0.499 for a 0.5 target on a 0.499 um/px scan.
+    tile_mpp: float
+    # Level pixels per output pixel when tiles are cut without resampling (1; 2, 4, 8: an exact power-of-
+    # two shrink, DCT-domain in the fast reader); None when they are resampled to target_mpp.
+    exact_scale: int | None = None
+    mpp_tolerance: float = MPP_TOLERANCE  # the tolerance this grid was planned with
+
+    @property
+    def resampled(self) -> bool:
+        """Whether tiles are resized by a factor other than an exact power of two."""
+        return self.exact_scale is None
 
     def __len__(self) -> int:
         return len(self.coords)
 
 
 def _integral_at(
-    summed: NDArray[np.float64], xs: NDArray[np.float64], ys: NDArray[np.float64]
+    summed: NDArray[np.int32], xs: NDArray[np.float64], ys: NDArray[np.float64]
 ) -> NDArray[np.float64]:
     """Integral of the mask over [0, x) x [0, y) for every (y, x) pair, exact at fractional coordinates.
 
@@ -85,8 +115,11 @@ def tissue_fractions(
     Area outside the slide counts as non-tissue, so an edge tile is judged on its whole area.
     """
     downsample_x, downsample_y = mask.downsample
-    summed = np.zeros((mask.mask.shape[0] + 1, mask.mask.shape[1] + 1), dtype=np.float64)
-    summed[1:, 1:] = np.cumsum(np.cumsum(mask.mask, axis=0, dtype=np.float64), axis=1)
+    # Pixel counts are exact in int32 (the mask is bounded, ``tissue.MAX_MASK_PIXELS``), at half the
+    # memory of float64 and with no second table: the running sums are taken in place.
+    summed = np.zeros((mask.mask.shape[0] + 1, mask.mask.shape[1] + 1), dtype=np.int32)
+    np.cumsum(mask.mask, axis=0, dtype=np.int32, out=summed[1:, 1:])
+    np.cumsum(summed[1:, 1:], axis=1, out=summed[1:, 1:])
     x0, x1 = xs / downsample_x, (xs + side_level0) / downsample_x
     y0, y1 = ys / downsample_y, (ys + side_level0) / downsample_y
     tissue = (
@@ -97,6 +130,27 @@ def tissue_fractions(
     )
     tile_area = (side_level0 / downsample_x) * (side_level0 / downsample_y)
     return np.clip(tissue / tile_area, 0.0, 1.0)
+
+
+def exact_cut(
+    mpp0: float, level_downsamples: list[float], target_mpp: float, tolerance: float = MPP_TOLERANCE
+) -> tuple[int, int] | None:
+    """(level, scale) at which ``target_mpp`` tiles are cut without resampling, or None.
+
+    First a level whose own scale is within ``tolerance`` (relative) of the target, the closest if
+    several; else the level tiles would be read from anyway (the coarsest at least as fine as the
+    target) when it is within tolerance after a 1/2, 1/4 or 1/8 reduction (40x to 20x). Never a finer
+    level than that one, so the tolerance never makes a tile read more pixels than resampling would.
+    """
+    ratios = [mpp0 * downsample / target_mpp for downsample in level_downsamples]
+    close = [index for index, ratio in enumerate(ratios) if abs(ratio - 1.0) <= tolerance]
+    if close:
+        return min(close, key=lambda index: abs(ratios[index] - 1.0)), 1
+    level = best_level_for_downsample(level_downsamples, target_mpp / mpp0)
+    for scale in EXACT_SCALES[1:]:
+        if abs(ratios[level] * scale - 1.0) <= tolerance:
+            return level, scale
+    return None
 
 
 def plan_tiles(
@@ -110,10 +164,13 @@ def plan_tiles(
     overlap: int = 0,
     min_tissue_fraction: float,
     level_downsamples: list[float],
+    mpp_tolerance: float = MPP_TOLERANCE,
 ) -> TileGrid:
     """Tiles of ``tile_size`` px at ``target_mpp`` whose tissue share is at least ``min_tissue_fraction``.
 
-    A tile with no tissue at all is never kept, even with ``min_tissue_fraction=0``. Raises
+    Within ``mpp_tolerance`` of a level's scale (see ``exact_cut``) the tiles are that level's pixels
+    as stored, at the level's true scale (``TileGrid.tile_mpp``); otherwise they are resampled to
+    ``target_mpp``. A tile with no tissue at all is never kept, even with ``min_tissue_fraction=0``. Raises
     ``SlideRejected("resolution-too-low")`` when the slide is scanned coarser than the target allows
     (``MAX_UPSAMPLE``), and ``ValueError`` for arguments that cannot describe a tiling.
     """
@@ -141,11 +198,21 @@ def plan_tiles(
             "pipeline profile; rescan it at a higher magnification or use a profile whose target_mpp is "
             f"at least {mpp0:g}.",
         )
-    level = best_level_for_downsample(level_downsamples, scale)
-    level_downsample = float(level_downsamples[level])
-    tile_size_level0 = tile_size * scale
-    stride_level0 = (tile_size - overlap) * scale
-    read_size = max(1, round(tile_size_level0 / level_downsample))
+    exact = exact_cut(mpp0, level_downsamples, target_mpp, mpp_tolerance)
+    if exact is not None:
+        level, exact_scale = exact
+        level_downsample = float(level_downsamples[level])
+        read_size = tile_size * exact_scale  # stored pixels, exactly; coordinates land on level pixels
+        tile_size_level0 = read_size * level_downsample
+        stride_level0 = (tile_size - overlap) * exact_scale * level_downsample
+        tile_mpp = mpp0 * level_downsample * exact_scale
+    else:
+        level = best_level_for_downsample(level_downsamples, scale)
+        level_downsample = float(level_downsamples[level])
+        tile_size_level0 = tile_size * scale
+        stride_level0 = (tile_size - overlap) * scale
+        read_size = max(1, round(tile_size_level0 / level_downsample))
+        tile_mpp = target_mpp
     columns = math.ceil(width / stride_level0)
     rows = math.ceil(height / stride_level0)
     xs = np.rint(np.arange(columns) * stride_level0)
@@ -166,6 +233,9 @@ def plan_tiles(
         coords=np.stack([xs[keep_columns], ys[keep_rows]], axis=1).astype(np.int64).reshape(-1, 2),
         grid_positions=np.stack([keep_columns, keep_rows], axis=1).astype(np.int64).reshape(-1, 2),
         tissue_fraction=fractions[keep_rows, keep_columns].astype(np.float32),
+        tile_mpp=tile_mpp,
+        exact_scale=None if exact is None else exact[1],
+        mpp_tolerance=mpp_tolerance,
     )
 
 
@@ -173,7 +243,8 @@ def read_tile(slide: openslide.OpenSlide, grid: TileGrid, x: int, y: int) -> NDA
     """The tile whose level-0 top-left is (x, y): RGB uint8 [tile_size, tile_size, 3], glass white.
 
     Reads ``read_size`` pixels at ``grid.level`` (one tile's worth, never a whole level) and shrinks them
-    with Lanczos (antialiased) when the level does not match the target exactly.
+    with Lanczos (antialiased) when they are more than ``tile_size`` (resampled grids, and an exact 1/2,
+    1/4, 1/8 cut, which the fast reader does in the DCT domain instead).
     """
     from PIL import Image
 
@@ -183,6 +254,21 @@ def read_tile(slide: openslide.OpenSlide, grid: TileGrid, x: int, y: int) -> NDA
         resized = Image.fromarray(rgb).resize((grid.tile_size, grid.tile_size), Image.Resampling.LANCZOS)
         rgb = np.asarray(resized)
     return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def _inside_pixels(
+    tile_side: int, grid: TileGrid, x: int, y: int, slide_size: tuple[int, int]
+) -> tuple[int, int]:
+    """How many output columns and rows of the tile at (x, y) lie on the slide."""
+    width, height = slide_size
+    scale = tile_side / grid.tile_size_level0  # output pixels per level-0 pixel
+    return math.floor((width - x) * scale), math.floor((height - y) * scale)
+
+
+def tile_inside_slide(grid: TileGrid, x: int, y: int, slide_size: tuple[int, int]) -> bool:
+    """Whether the tile at (x, y) lies wholly on the slide (``fill_outside_slide`` leaves it as read)."""
+    inside_x, inside_y = _inside_pixels(grid.tile_size, grid, x, y, slide_size)
+    return inside_x >= grid.tile_size and inside_y >= grid.tile_size
 
 
 def fill_outside_slide(
@@ -198,10 +284,7 @@ def fill_outside_slide(
     Readers return white (255) past the edge, which is neither glass nor tissue; painted as glass, an edge
     tile is measured like any other tile at the edge of tissue instead of as over-exposed.
     """
-    width, height = slide_size
-    scale = tile.shape[1] / grid.tile_size_level0  # output pixels per level-0 pixel
-    inside_x = math.floor((width - x) * scale)
-    inside_y = math.floor((height - y) * scale)
+    inside_x, inside_y = _inside_pixels(tile.shape[1], grid, x, y, slide_size)
     if inside_x >= tile.shape[1] and inside_y >= tile.shape[0]:
         return tile
     painted = tile.copy()
