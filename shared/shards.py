@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,26 @@ class Shard:
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         return image[:, :, :3]
+
+    def decode_stack(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray | None:
+        """Tiles ``indices`` as one uint8 stack [n, H, W, 3], decoded straight into ``out`` when it holds
+        at least n tiles of their size (a new array otherwise); None when they are not all RGB of one size
+        (then decode them one by one).
+        """
+        from imagecodecs import jpeg8_decode
+
+        if not indices:
+            return None
+        first = self.decode(indices[0])
+        if out is None or out.shape[1:] != first.shape or len(out) < len(indices) or out.dtype != np.uint8:
+            out = np.empty((len(indices), *first.shape), dtype=np.uint8)
+        out[0] = first
+        for position, index in enumerate(indices[1:], start=1):
+            try:
+                jpeg8_decode(self.tile_bytes(index), out=out[position])
+            except ValueError:  # a grey or differently sized tile: not one stack
+                return None
+        return out[: len(indices)]
 
     def iter_decoded(self, indices: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         for index in range(len(self)) if indices is None else indices:

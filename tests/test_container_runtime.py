@@ -120,6 +120,7 @@ OPTIONAL_MODULES = {
     "faust": "faust-streaming",
     "h5py": "h5py",
     "torch": "torch",
+    "cv2": "opencv-python-headless",
 }
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "QualityFilterHandler",
     "accepted_indices",
     "assess",
+    "assess_shard",
     "decide",
     "measure",
     "measure_batch",
@@ -89,38 +90,53 @@ class QualityFilterHandler:
         return [Outgoing(QC_RESULTS, f"{event.meta.slide_id}/{event.shard_id}", result)]
 
     def _assess(self, event: pb.TileShard) -> dict[str, Any]:
-        shard = Shard(self.ctx.store.get_bytes(event.shard.bucket, event.shard.key))
-        accepted: list[bool] = []
-        reasons: Counter[str] = Counter()
-        per_tile: list[dict[str, Any]] = []
-        limits = QcThresholds.from_profile(event.profile)
-        background = Background.from_dict(shard.header.get("background"))
-        mpp = float(shard.header.get("mpp") or event.profile.target_mpp or 0.5)
-        for start in range(0, len(shard), QC_BATCH_TILES):
-            tiles = [
-                tile for _, tile in shard.iter_decoded(range(start, min(start + QC_BATCH_TILES, len(shard))))
-            ]
-            if len({tile.shape for tile in tiles}) == 1:
-                measured = measure_batch(np.stack(tiles), background, mpp)
-            else:  # tiles of one shard have one size; measure one at a time if a writer did otherwise
-                measured = [measure(tile, background, mpp) for tile in tiles]
-            for metrics in measured:
-                ok, reason = decide(metrics, limits)
-                accepted.append(ok)
-                entry: dict[str, Any] = {**metrics, "reason": reason}  # "" when accepted
-                if reason == "pen":
-                    entry["ink"] = ink_colour_name(metrics)  # "blue", "green", "red" or "black"
-                per_tile.append(entry)
-                if not ok:
-                    reasons[reason] += 1
-        TILES.labels(SERVICE, "accepted").inc(sum(accepted))
-        TILES.labels(SERVICE, "rejected").inc(len(accepted) - sum(accepted))
-        return {
-            "accepted": accepted,
-            "rejected_by_reason": dict(reasons),
-            "background": background.to_dict(),
-            "tiles": per_tile,
-        }
+        report = assess_shard(
+            Shard(self.ctx.store.get_bytes(event.shard.bucket, event.shard.key)), event.profile
+        )
+        accepted = sum(report["accepted"])
+        TILES.labels(SERVICE, "accepted").inc(accepted)
+        TILES.labels(SERVICE, "rejected").inc(len(report["accepted"]) - accepted)
+        return report
+
+
+def assess_shard(shard: Shard, profile: Any, *, use_table: bool | None = None) -> dict[str, Any]:
+    """The QC report of one shard: per tile its measures and ``reason`` ("" when accepted; ``ink`` colour
+    for pen), which tiles are accepted, counts by reason, and the background it was measured against.
+
+    ``profile`` is the slide's ``PipelineProfile`` (its QC limits, and ``target_mpp`` when the shard does
+    not say its scale). Tiles are decoded into one reused buffer and measured ``QC_BATCH_TILES`` at a time;
+    ``use_table`` is ``measure_batch``'s (None: the slide's colour table once it pays).
+    """
+    accepted: list[bool] = []
+    reasons: Counter[str] = Counter()
+    per_tile: list[dict[str, Any]] = []
+    limits = QcThresholds.from_profile(profile)
+    background = Background.from_dict(shard.header.get("background"))
+    mpp = float(shard.header.get("mpp") or getattr(profile, "target_mpp", 0.0) or 0.5)
+    buffer: np.ndarray | None = None
+    for start in range(0, len(shard), QC_BATCH_TILES):
+        indices = range(start, min(start + QC_BATCH_TILES, len(shard)))
+        stack = shard.decode_stack(indices, buffer)
+        if stack is not None:
+            buffer = stack if buffer is None else buffer  # the first batch is a full one
+            measured = measure_batch(stack, background, mpp, use_table=use_table)
+        else:  # tiles of one shard have one size; measure one at a time if a writer did otherwise
+            measured = [measure(shard.decode(index), background, mpp) for index in indices]
+        for metrics in measured:
+            ok, reason = decide(metrics, limits)
+            accepted.append(ok)
+            entry: dict[str, Any] = {**metrics, "reason": reason}  # "" when accepted
+            if reason == "pen":
+                entry["ink"] = ink_colour_name(metrics)  # "blue", "green", "red" or "black"
+            per_tile.append(entry)
+            if not ok:
+                reasons[reason] += 1
+    return {
+        "accepted": accepted,
+        "rejected_by_reason": dict(reasons),
+        "background": background.to_dict(),
+        "tiles": per_tile,
+    }
 
 
 def accepted_indices(result: pb.QcResult) -> np.ndarray:

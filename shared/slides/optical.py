@@ -125,6 +125,7 @@ class Background:
 DEFAULT_BACKGROUND = Background((242.0, 242.0, 242.0), 0.01, "default")
 
 _LUT_CACHE: dict[tuple[float, float, float], FloatArray] = {}
+_CHANNEL_OFFSETS = np.array([0, 256, 512], dtype=np.uint16)
 
 
 def _density_lut(white: tuple[float, float, float]) -> FloatArray:
@@ -143,17 +144,15 @@ def _density_lut(white: tuple[float, float, float]) -> FloatArray:
 
 def optical_density(rgb: ImageArray, background: Background) -> FloatArray:
     """[..., 3] float32 density per channel of an RGB uint8 image against the slide's glass."""
-    table = background.lut()
+    table = background.lut().reshape(-1)  # channel c's entry for value v is at 256 c + v
     image = np.asarray(rgb, dtype=np.uint8)
-    density = np.empty(image.shape, dtype=np.float32)
-    for channel in range(3):
-        density[..., channel] = table[channel][image[..., channel]]
-    return density
+    return np.asarray(table[image + _CHANNEL_OFFSETS], dtype=np.float32)
 
 
 def tissue_density(density: FloatArray) -> FloatArray:
     """The largest channel density of each pixel (what decides tissue)."""
-    return np.asarray(density.max(axis=-1), dtype=np.float32)
+    largest = np.maximum(np.maximum(density[..., 0], density[..., 1]), density[..., 2])
+    return np.asarray(largest, dtype=np.float32)
 
 
 def classify_ink(density: FloatArray, red_blue_ratio: float = RED_INK_MIN_BLUE_RATIO) -> NDArray[np.uint8]:
