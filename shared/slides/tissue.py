@@ -7,7 +7,8 @@ tile the tiler planned as tissue is measured with the same yardstick downstream.
 
 Method, on a thumbnail of about ``thumb_mpp`` um/px (4 by default, finer for small slides so that the
 thumbnail has at least ``min_mask_side`` px on its long side; bounded to ``max_mask_side`` px per side
-whatever the slide size), read block by block:
+and ``MAX_MASK_PIXELS`` in all whatever the slide size), read block by block, and classified band by
+band (``BAND_ROWS``), so segmentation needs the same memory on a 100,000 px slide as on a 30,000 px one:
 
 1. **Background**: the slide's white point and glass noise (``estimate_background``), from the scanned
    pixels only (outside the scanned area OpenSlide returns transparent pixels, which are not glass).
@@ -53,6 +54,10 @@ ImageArray = NDArray[np.uint8]
 
 _LEVEL_TOLERANCE = 1.01
 _TISSUE_COLOUR = [0, 160, 80]
+#: The thumbnail that segmentation works on holds at most this many pixels (2048 x 2048): what it needs
+#: in memory is bounded by this, whatever the slide's size (a 16 x 16 mm area at 4 um/px, or a
+#: 50 x 50 mm one at 24 um/px, still about 4.6 px across a 0.5 um/px, 224 px tile).
+MAX_MASK_PIXELS = 1 << 22
 #: How far around detected ink the mask also leaves out (micrometres).
 INK_MARGIN_UM = 12.0
 
@@ -223,14 +228,17 @@ def _faint_regions(strong: BoolArray, faint: BoolArray, *, max_ratio: float, min
     from scipy import ndimage
 
     eight = np.ones((3, 3), dtype=bool)
-    faint_labels, faint_count = ndimage.label(faint, structure=eight)
-    if faint_count == 0:
+    if not bool(faint.any()):
         return np.zeros_like(strong)
+    # The strong regions first (their labels freed once dilated), then the faint ones: two label images
+    # at a time rather than three.
     strong_labels, strong_count = ndimage.label(strong, structure=eight)
     if strong_count == 0:
         return np.zeros_like(strong)
     strong_sizes = np.bincount(strong_labels.ravel(), minlength=strong_count + 1).astype(np.float64)
     reach = ndimage.grey_dilation(strong_labels, size=(5, 5))  # the strong label within two pixels
+    del strong_labels
+    faint_labels, faint_count = ndimage.label(faint, structure=eight)
     overlap = (faint_labels > 0) & (reach > 0)
     pairs = np.unique(np.stack([faint_labels[overlap], reach[overlap]]), axis=1)
     touched_area = np.zeros(faint_count + 1, dtype=np.float64)
@@ -239,6 +247,45 @@ def _faint_regions(strong: BoolArray, faint: BoolArray, *, max_ratio: float, min
     keep = (touched_area > 0) & (faint_sizes <= max_ratio * np.maximum(touched_area, min_pixels))
     keep[0] = False
     return np.asarray(keep[faint_labels], dtype=bool)
+
+
+#: Thumbnail rows classified at a time: the per-channel densities of a band are the only float arrays,
+#: so memory does not grow with the thumbnail beyond its boolean masks.
+BAND_ROWS = 256
+#: The background is estimated on at most about this many thumbnail pixels (an even, strided sample).
+MAX_BACKGROUND_PIXELS = 1 << 21
+
+
+def background_of(rgb: ImageArray, valid: BoolArray | None = None) -> Background:
+    """``estimate_background`` on the thumbnail, or on an even strided sample of it when it is large.
+
+    The glass mode and the stain's hue are statistics of millions of pixels; a sample of two million
+    gives the same values, and keeps the estimate's float arrays bounded on the largest slides.
+    """
+    step = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / MAX_BACKGROUND_PIXELS)))
+    if step == 1:
+        return estimate_background(rgb, valid)
+    return estimate_background(rgb[::step, ::step], None if valid is None else valid[::step, ::step])
+
+
+def _pixel_classes(
+    rgb: ImageArray, background: Background, threshold: float, low: float
+) -> tuple[BoolArray, BoolArray, BoolArray, BoolArray]:
+    """Per pixel, band by band: (density >= threshold, density >= low, ink, possible ink continuation)."""
+    height, width = rgb.shape[:2]
+    strong = np.zeros((height, width), dtype=bool)
+    weak = np.zeros((height, width), dtype=bool)
+    ink = np.zeros((height, width), dtype=bool)
+    continuation = np.zeros((height, width), dtype=bool)
+    for top in range(0, height, BAND_ROWS):
+        rows = slice(top, min(top + BAND_ROWS, height))
+        per_channel = optical_density(rgb[rows], background)
+        density = tissue_density(per_channel)
+        strong[rows] = density >= threshold
+        weak[rows] = density >= low
+        ink[rows] = ink_mask(per_channel, background.red_ink_blue_ratio)
+        continuation[rows] = ink_continuation(per_channel)
+    return strong, weak, ink, continuation
 
 
 def tissue_mask_from_rgb(
@@ -264,22 +311,22 @@ def tissue_mask_from_rgb(
     from scipy import ndimage
 
     valid = np.ones(rgb.shape[:2], dtype=bool) if scanned is None else np.asarray(scanned, dtype=bool)
-    background = background or estimate_background(rgb, valid)
-    density_per_channel = optical_density(rgb, background)
-    density = tissue_density(density_per_channel)
-    ink = ink_mask(density_per_channel, background.red_ink_blue_ratio) & valid
+    background = background or background_of(rgb, valid)
+    threshold = background.tissue_threshold
+    low = max(faint_ratio * threshold, 3.0 * background.noise_od) if faint_ratio > 0 else threshold
+    strong, weak, ink, continuation = _pixel_classes(rgb, background, threshold, low)
+    ink &= valid
     ink = _padded_morphology(ink, "open", 1)  # single ink-coloured pixels are dense stain, not strokes
     if bool(ink.any()):  # ink thinned over tissue, connected to a stroke, is ink too
-        ink |= _connected_to(ink_continuation(density_per_channel) & valid, ink)
+        ink |= _connected_to(continuation & valid, ink)
+    del continuation
     ink_fraction = float(ink.mean()) if ink.size else 0.0
-    threshold = background.tissue_threshold
     min_region_px = min_region_area_mm2 / pixel_area_mm2
-    tissue = valid & ~ink & (density >= threshold)
+    tissue = valid & ~ink & strong
     if not bool(tissue.any()):
         return np.zeros(rgb.shape[:2], dtype=bool), 0.0, ink_fraction
     if faint_ratio > 0:
-        low = max(faint_ratio * threshold, 3.0 * background.noise_od)
-        faint = _padded_morphology(valid & ~ink & ~tissue & (density >= low), "open", 1)
+        faint = _padded_morphology(valid & ~ink & ~tissue & weak, "open", 1)
         tissue |= _faint_regions(tissue, faint, max_ratio=faint_max_ratio, min_pixels=min_region_px)
     tissue = _padded_morphology(tissue, "close", closing_iterations)
     holes = ndimage.binary_fill_holes(tissue) & ~tissue
@@ -303,20 +350,24 @@ def segment_tissue(
     max_hole_area_mm2: float = 0.25,
     min_mask_side: int = 256,
     max_mask_side: int = 4096,
+    max_mask_pixels: int = MAX_MASK_PIXELS,
     chunk_px: int = 2048,
 ) -> TissueMask:
     """Segment the tissue of an open slide whose level-0 resolution is ``mpp0`` um/px.
 
     The thumbnail is read at about ``thumb_mpp`` um/px (finer when the slide is small, so that its long
     side has ``min_mask_side`` px, never finer than level 0; coarser when it would exceed
-    ``max_mask_side`` pixels per side), block by block, so memory stays bounded for any slide size.
+    ``max_mask_side`` pixels per side or ``max_mask_pixels`` in all), block by block, so memory stays
+    bounded for any slide size: segmentation of the largest slides costs what it costs on a slide of
+    about 16 x 16 mm at 4 um/px.
     """
     if mpp0 <= 0 or thumb_mpp <= 0:
         raise ValueError(f"mpp0 and thumb_mpp must be positive, got mpp0={mpp0}, thumb_mpp={thumb_mpp}")
     base_width, base_height = slide.dimensions
     long_side = max(base_width, base_height)
     downsample = min(thumb_mpp / mpp0, long_side / min_mask_side)
-    downsample = max(downsample, long_side / max_mask_side, 1.0)
+    budget = math.sqrt(base_width * base_height / max_mask_pixels)  # the pixel budget's downsample
+    downsample = max(downsample, long_side / max_mask_side, budget, 1.0)
     mask_width = max(1, round(base_width / downsample))
     mask_height = max(1, round(base_height / downsample))
     thumbnail, scanned, _ = read_thumbnail_with_coverage(
@@ -325,7 +376,7 @@ def segment_tissue(
     downsample_x = base_width / mask_width
     downsample_y = base_height / mask_height
     pixel_area_mm2 = downsample_x * downsample_y * mpp0 * mpp0 / 1e6
-    background = estimate_background(thumbnail, scanned)
+    background = background_of(thumbnail, scanned)
     mask, threshold, ink_fraction = tissue_mask_from_rgb(
         thumbnail,
         pixel_area_mm2=pixel_area_mm2,
