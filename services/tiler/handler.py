@@ -27,11 +27,14 @@ a pixel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,8 +130,32 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
 
         stain = _fit_stain(str(getattr(profile, "stain_method", "")), len(coords), tiles_of)
         per_shard = int(profile.tiles_per_shard)
-        shards = []
-        for index, start in enumerate(range(0, len(coords), per_shard)):
+        starts = list(range(0, len(coords), per_shard))
+        plan = {
+            "reader": "libjpeg-turbo" if fast is not None else "openslide",
+            "reader_fallback_reason": why_not if fast is None else "",
+            "stain": stain,
+            "level": int(grid.level),
+            "level0_mpp": mpp0,
+            "level0_mpp_source": mpp.source,
+            "tile_size_level0": float(grid.tile_size_level0),
+            "tile_mpp": float(grid.tile_mpp),
+            "mpp_tolerance": float(grid.mpp_tolerance),
+            "resampled": bool(grid.resampled),
+            "tissue_area_mm2": float(tissue.area_mm2),
+            "background": tissue.background.to_dict(),
+            "width": int(width),
+            "height": int(height),
+            "total_tiles": len(coords),
+            "shards": [
+                {"shard_id": shard_id_for(index), "tile_count": min(per_shard, len(coords) - start)}
+                for index, start in enumerate(starts)
+            ],
+        }
+        # The plan is known before any tile is read: announced now (the parent publishes it, and each
+        # shard as it appears, while the rest are cut). Files appear whole: written, then renamed.
+        _write_whole(out / PLAN_FILE, json.dumps(plan).encode())
+        for index, start in enumerate(starts):
             indices = list(range(start, min(start + per_shard, len(coords))))
             header = {
                 "slide_id": slide_id,
@@ -140,30 +167,21 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
                 "level": int(grid.level),
                 "background": tissue.background.to_dict(),  # QC measures tissue against this glass
             }
-            data = pack_shard(header, cutter.tiles(indices))
-            (out / f"{shard_id_for(index)}.shard").write_bytes(data)
-            shards.append({"shard_id": shard_id_for(index), "tile_count": len(indices)})
+            _write_whole(out / f"{shard_id_for(index)}.shard", pack_shard(header, cutter.tiles(indices)))
         if fast is not None:
             fast.close()
-    return {
-        "reader": "libjpeg-turbo" if fast is not None else "openslide",
-        "reader_fallback_reason": why_not if fast is None else "",
-        "stain": stain,
-        "level": int(grid.level),
-        "level0_mpp": mpp0,
-        "level0_mpp_source": mpp.source,
-        "tile_size_level0": float(grid.tile_size_level0),
-        "tile_mpp": float(grid.tile_mpp),
-        "mpp_tolerance": float(grid.mpp_tolerance),
-        "resampled": bool(grid.resampled),
-        "tiles_passed_through": cutter.passed_through,
-        "tissue_area_mm2": float(tissue.area_mm2),
-        "background": tissue.background.to_dict(),
-        "width": int(width),
-        "height": int(height),
-        "total_tiles": len(coords),
-        "shards": shards,
-    }
+    return {**plan, "tiles_passed_through": cutter.passed_through}
+
+
+#: The plan file the tiling child writes into its work directory before it cuts any tile.
+PLAN_FILE = "plan.json"
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a reader polling the directory never sees it half written."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 class ShardTileCutter:
@@ -266,7 +284,7 @@ class TilerHandler:
             log.info("tiling run already stored; re-publishing its events", tiling_run_id=run_id)
         else:
             try:
-                manifest = self._tile(event, run_id, prefix)
+                manifest = self._tile(event, run_id, prefix, message)
             except SlideUntileable as exc:  # deterministic and explained: fail the slide now, no retries
                 failed = pb.SlideFailed(
                     meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=["untileable", run_id]),
@@ -276,9 +294,12 @@ class TilerHandler:
                     tiling_run_id=run_id,
                 )
                 return [Outgoing(SLIDES_FAILED, slide_id, failed)]
-        return self._events(event, run_id, manifest)
+        published = set(manifest.pop("published_event_ids", ()))
+        return [o for o in self._events(event, run_id, manifest) if _event_id(o) not in published]
 
-    def _tile(self, event: pb.SlideIngested, run_id: str, prefix: str) -> dict[str, Any]:
+    def _tile(
+        self, event: pb.SlideIngested, run_id: str, prefix: str, message: Incoming | None = None
+    ) -> dict[str, Any]:
         store, bucket = self.ctx.store, self.ctx.settings.artifacts_bucket
         source = event.source
         path, _ = self.ctx.cache.fetch(
@@ -286,32 +307,33 @@ class TilerHandler:
         )
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix="wsi-tiler-", dir=self.ctx.settings.cache_dir))
+        early = _EarlyPublisher(self, event, run_id, prefix, work, message)
         try:
             profile_json = json_format.MessageToJson(event.profile)
-            plan = self.isolated.run(
-                f"tiling {event.meta.slide_id}",
-                tile_slide,
-                str(path),
-                profile_json,
-                str(work),
-                event.meta.slide_id,
-            )
+            with ThreadPoolExecutor(1, thread_name_prefix="tiler-child") as waiter:
+                child = waiter.submit(
+                    self.isolated.run,
+                    f"tiling {event.meta.slide_id}",
+                    tile_slide,
+                    str(path),
+                    profile_json,
+                    str(work),
+                    event.meta.slide_id,
+                )
+                while not child.done():  # the plan, then each shard, downstream while the rest are cut
+                    early.poll()
+                    with contextlib.suppress(FutureTimeout):
+                        child.result(timeout=EARLY_POLL_S)
+                plan = child.result()
             if "rejected" in plan:
                 raise SlideUntileable(plan["rejected"], plan["reason"])
-            refs: dict[str, StoredObject] = {}
+            refs = dict(early.refs)
             for shard in plan["shards"]:
-                refs[shard["shard_id"]] = store.put_file_if_absent(
-                    bucket, f"{prefix}/{shard['shard_id']}.shard", work / f"{shard['shard_id']}.shard"
-                )
-            mask_ref = store.put_file_if_absent(bucket, f"{prefix}/tissue-mask.npy", work / "mask.npy")
-            polygons_ref = store.put_file_if_absent(
-                bucket, f"{prefix}/tissue.geojson", work / "tissue.geojson"
-            )
-            thumbnail_ref = None
-            if (work / "thumbnail.jpg").is_file():
-                thumbnail_ref = store.put_file_if_absent(
-                    bucket, f"{prefix}/thumbnail.jpg", work / "thumbnail.jpg"
-                )
+                if shard["shard_id"] not in refs:
+                    refs[shard["shard_id"]] = store.put_file_if_absent(
+                        bucket, f"{prefix}/{shard['shard_id']}.shard", work / f"{shard['shard_id']}.shard"
+                    )
+            mask_ref, polygons_ref, thumbnail_ref = early.side_files()
         finally:
             shutil.rmtree(work, ignore_errors=True)
         manifest = {
@@ -325,6 +347,7 @@ class TilerHandler:
         store.put_if_absent(
             bucket, f"{prefix}/manifest.json", json.dumps(manifest).encode(), "application/json"
         )
+        manifest["published_event_ids"] = sorted(early.published)
         TILES.labels(SERVICE, "planned").inc(plan["total_tiles"])
         SLIDE_STAGE_SECONDS.labels(SERVICE).observe(time.perf_counter() - started)
         log.info(
@@ -346,9 +369,25 @@ class TilerHandler:
         return manifest
 
     def _events(self, event: pb.SlideIngested, run_id: str, manifest: dict[str, Any]) -> list[Outgoing]:
+        """The plan, the no-tissue failure when there is nothing to cut, and one ``TileShard`` per shard."""
+        slide_id = event.meta.slide_id
+        outputs = [self._plan_event(event, run_id, manifest)]
+        if not manifest["shards"]:
+            failed = pb.SlideFailed(
+                meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=["no-tissue", run_id]),
+                stage=SERVICE,
+                reason_code="no-tissue",
+                reason="no tissue was found on this slide (the tissue mask is empty at "
+                f"min_tissue_fraction={event.profile.min_tissue_fraction}); check the scan, or lower WSI_MIN_TISSUE_FRACTION",
+                tiling_run_id=run_id,
+            )
+            outputs.append(Outgoing(SLIDES_FAILED, slide_id, failed))
+        outputs += [self._shard_event(event, run_id, manifest, i) for i in range(len(manifest["shards"]))]
+        return outputs
+
+    def _plan_event(self, event: pb.SlideIngested, run_id: str, manifest: dict[str, Any]) -> Outgoing:
         slide_id = event.meta.slide_id
         profile = event.profile
-        shard_ids = [s["shard_id"] for s in manifest["shards"]]
         plan = pb.TilePlan(
             meta=new_meta(
                 service=SERVICE,
@@ -358,7 +397,7 @@ class TilerHandler:
             ),
             tiling_run_id=run_id,
             profile=profile,
-            shard_ids=shard_ids,
+            shard_ids=[s["shard_id"] for s in manifest["shards"]],
             total_tiles=manifest["total_tiles"],
             tissue_area_mm2=manifest["tissue_area_mm2"],
             level=manifest["level"],
@@ -377,36 +416,117 @@ class TilerHandler:
         plan.background_noise_od = float(background.get("noise_od", 0.0))
         if "thumbnail" in manifest:
             plan.thumbnail.CopyFrom(pb.ObjectRef(**manifest["thumbnail"]))
-        outputs = [Outgoing(TILE_PLANS, slide_id, plan)]
-        if not shard_ids:
-            failed = pb.SlideFailed(
-                meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=["no-tissue", run_id]),
-                stage=SERVICE,
-                reason_code="no-tissue",
-                reason="no tissue was found on this slide (the tissue mask is empty at "
-                f"min_tissue_fraction={profile.min_tissue_fraction}); check the scan, or lower WSI_MIN_TISSUE_FRACTION",
-                tiling_run_id=run_id,
+        return Outgoing(TILE_PLANS, slide_id, plan)
+
+    def _shard_event(
+        self, event: pb.SlideIngested, run_id: str, manifest: dict[str, Any], index: int
+    ) -> Outgoing:
+        slide_id = event.meta.slide_id
+        shard = manifest["shards"][index]
+        sid = shard["shard_id"]
+        tile_shard = pb.TileShard(
+            meta=new_meta(
+                service=SERVICE,
+                slide_id=slide_id,
+                event_parts=["shard", run_id, sid],
+                correlation_id=event.meta.correlation_id,
+            ),
+            tiling_run_id=run_id,
+            shard_id=sid,
+            shard_index=index,
+            shard=pb.ObjectRef(**manifest["shard_refs"][sid]),
+            tile_count=shard["tile_count"],
+            profile=event.profile,
+            stain=pb.StainParams(**manifest.get("stain", {})),
+        )
+        return Outgoing(TILE_SHARDS, f"{slide_id}/{sid}", tile_shard)
+
+
+#: How often the tiler looks for the plan and new shards of the slide being cut (seconds).
+EARLY_POLL_S = 0.25
+
+
+class _EarlyPublisher:
+    """Publishes a slide's plan and each shard while the tiling child is still cutting the others.
+
+    The child writes the tissue mask, polygons and thumbnail, then ``plan.json`` (the plan is known before
+    any tile is read), then one shard file after another, each renamed into place whole. Each poll
+    stores what appeared and, when the runtime lets the handler produce early (``Incoming.emit``),
+    publishes it: quality-filter and the embedder start on the first shards while the rest are cut.
+    Everything is deterministic (keys put-if-absent, event ids from the slide, run and shard), so a
+    retry after a failure midway publishes the same events again, which downstream absorbs.
+    """
+
+    def __init__(
+        self,
+        handler: TilerHandler,
+        event: pb.SlideIngested,
+        run_id: str,
+        prefix: str,
+        work: Path,
+        message: Incoming | None,
+    ) -> None:
+        self.handler, self.event, self.run_id, self.prefix, self.work = handler, event, run_id, prefix, work
+        self.emit = message.emit if message is not None else None
+        self.manifest: dict[str, Any] | None = None
+        self.refs: dict[str, StoredObject] = {}
+        self.published: set[str] = set()
+        self._side: tuple[StoredObject, StoredObject, StoredObject | None] | None = None
+
+    def side_files(self) -> tuple[StoredObject, StoredObject, StoredObject | None]:
+        """Tissue mask, polygons and thumbnail (None without one), stored once."""
+        if self._side is None:
+            store, bucket = self.handler.ctx.store, self.handler.ctx.settings.artifacts_bucket
+            mask = store.put_file_if_absent(bucket, f"{self.prefix}/tissue-mask.npy", self.work / "mask.npy")
+            polygons = store.put_file_if_absent(
+                bucket, f"{self.prefix}/tissue.geojson", self.work / "tissue.geojson"
             )
-            outputs.append(Outgoing(SLIDES_FAILED, slide_id, failed))
-        for index, shard in enumerate(manifest["shards"]):
+            thumbnail = None
+            if (self.work / "thumbnail.jpg").is_file():
+                thumbnail = store.put_file_if_absent(
+                    bucket, f"{self.prefix}/thumbnail.jpg", self.work / "thumbnail.jpg"
+                )
+            self._side = (mask, polygons, thumbnail)
+        return self._side
+
+    def poll(self) -> None:
+        if self.emit is None:
+            return
+        if self.manifest is None:
+            if not (self.work / PLAN_FILE).is_file():
+                return
+            plan = json.loads((self.work / PLAN_FILE).read_text())
+            if not plan["shards"]:
+                return  # nothing to cut: the outcome (no tissue) is published at the end with the plan
+            mask, polygons, thumbnail = self.side_files()
+            self.manifest = {
+                **plan,
+                "shard_refs": {},
+                "tissue_mask": _ref_dict(mask),
+                "tissue_polygons": _ref_dict(polygons),
+                **({"thumbnail": _ref_dict(thumbnail)} if thumbnail is not None else {}),
+            }
+            self._publish(self.handler._plan_event(self.event, self.run_id, self.manifest))
+        store, bucket = self.handler.ctx.store, self.handler.ctx.settings.artifacts_bucket
+        for index, shard in enumerate(self.manifest["shards"]):
             sid = shard["shard_id"]
-            tile_shard = pb.TileShard(
-                meta=new_meta(
-                    service=SERVICE,
-                    slide_id=slide_id,
-                    event_parts=["shard", run_id, sid],
-                    correlation_id=event.meta.correlation_id,
-                ),
-                tiling_run_id=run_id,
-                shard_id=sid,
-                shard_index=index,
-                shard=pb.ObjectRef(**manifest["shard_refs"][sid]),
-                tile_count=shard["tile_count"],
-                profile=profile,
-                stain=pb.StainParams(**manifest.get("stain", {})),
-            )
-            outputs.append(Outgoing(TILE_SHARDS, f"{slide_id}/{sid}", tile_shard))
-        return outputs
+            if sid in self.refs:
+                continue
+            path = self.work / f"{sid}.shard"
+            if not path.is_file():
+                return  # shards appear in order: the next one is not cut yet
+            self.refs[sid] = store.put_file_if_absent(bucket, f"{self.prefix}/{sid}.shard", path)
+            self.manifest["shard_refs"][sid] = _ref_dict(self.refs[sid])
+            self._publish(self.handler._shard_event(self.event, self.run_id, self.manifest, index))
+
+    def _publish(self, output: Outgoing) -> None:
+        assert self.emit is not None
+        self.emit([output])
+        self.published.add(_event_id(output))
+
+
+def _event_id(output: Outgoing) -> str:
+    return str(output.message.meta.event_id) if output.message is not None else ""  # type: ignore[attr-defined]
 
 
 def _ref_dict(ref: StoredObject) -> dict[str, Any]:

@@ -71,6 +71,18 @@ class Incoming:
     headers: Sequence[tuple[str, bytes]]
     event: Message | None
     attempt: int = 1
+    #: Set by the runtime while the handler runs: produce some outputs now, before the handler returns
+    #: (waits for the broker's acknowledgement). For long handlers whose outputs can start the next stage
+    #: early (the tiler's plan and each shard as it is stored). Outputs are deterministic, so a retry of
+    #: the message producing them again is absorbed downstream like any redelivery. None outside a runtime.
+    emit: Callable[[list[Outgoing]], None] | None = field(default=None, repr=False, compare=False)
+
+    def publish_now(self, outputs: list[Outgoing]) -> bool:
+        """Produce ``outputs`` now when the runtime allows it (True); False: return them from the handler."""
+        if self.emit is None:
+            return False
+        self.emit(outputs)
+        return True
 
     @property
     def slide_id(self) -> str:
@@ -486,6 +498,18 @@ class ServiceRuntime:
         sleeper = asyncio.ensure_future(asyncio.sleep(0.5))
         await self._keepalive_until(sleeper)
 
+    def _emitter(self, loop: asyncio.AbstractEventLoop) -> Callable[[list[Outgoing]], None]:
+        """What a handler's worker thread calls to produce outputs before it returns (``Incoming.emit``)."""
+
+        def emit(outputs: list[Outgoing]) -> None:
+            if self.producer is None:
+                raise TransientError("producer not connected")
+            asyncio.run_coroutine_threadsafe(produce_all(self.producer, outputs), loop).result(timeout=120)
+            for out in outputs:
+                EVENTS_OUT.labels(self.spec.name, out.topic).inc()
+
+        return emit
+
     async def _call_handler(self, messages: list[Incoming]) -> list[list[Outgoing] | BaseException]:
         spec = self.spec
         started = time.perf_counter()
@@ -497,8 +521,13 @@ class ServiceRuntime:
         else:
             assert spec.handler is not None
             outcomes = []
+            emit = self._emitter(asyncio.get_running_loop())
             for message in messages:
-                outcomes.append(await self._in_worker(_call_one, spec.handler, message))
+                message.emit = emit
+                try:
+                    outcomes.append(await self._in_worker(_call_one, spec.handler, message))
+                finally:
+                    message.emit = None
         elapsed = time.perf_counter() - started
         for message in messages:
             HANDLE_SECONDS.labels(spec.name, message.topic).observe(elapsed / max(len(messages), 1))
@@ -582,14 +611,7 @@ class ServiceRuntime:
 
     async def _periodic(self, interval: float, fn: PeriodicTask) -> None:
         """Run ``fn(produce)`` now and then every ``interval`` seconds, in a worker thread."""
-        loop = asyncio.get_running_loop()
-
-        def produce(outputs: list[Outgoing]) -> None:
-            if self.producer is None:
-                raise TransientError("producer not connected")
-            asyncio.run_coroutine_threadsafe(produce_all(self.producer, outputs), loop).result(timeout=120)
-            for out in outputs:
-                EVENTS_OUT.labels(self.spec.name, out.topic).inc()
+        produce = self._emitter(asyncio.get_running_loop())
 
         while True:
             try:
