@@ -87,6 +87,9 @@ def create_session(
     # ONNX Runtime's default is one thread per host core, which under a container's CPU limit only
     # adds throttling: size the pool from the CPUs this process may really use.
     options.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else usable_cpus()
+    # Idle pool threads sleep instead of spinning: the services share a machine's cores (the embedder's
+    # decoding threads, quality-filter beside it), and a spinning pool takes cycles they need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list[str | tuple[str, dict[str, Any]]] = [
         (p, dict(provider_options[p])) if provider_options and p in provider_options else p for p in chosen
     ]
