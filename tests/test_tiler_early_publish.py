@@ -22,14 +22,19 @@ from wsitk.shared.slides.synth import SynthSpec, generate_slide
 from wsitk.shared.topics import SLIDES_INGESTED, TILE_PLANS, TILE_SHARDS
 
 
-def _ingested(tmp_path: Path) -> tuple[TilerHandler, pb.SlideIngested]:
-    slide = tmp_path / "slide.svs"
-    generate_slide(slide, SynthSpec(width=8000, height=6000, mpp=0.5, seed=8, tumour_fraction=0.2))
-    settings = Settings(cache_dir=tmp_path / "cache", isolation_memory_bytes=3 * 1024**3)
-    store = FilesystemObjectStore(tmp_path / "store")
-    for bucket in (settings.uploads_bucket, settings.artifacts_bucket):
-        store.ensure_bucket(bucket)
-    source = store.put_file_if_absent(settings.uploads_bucket, "cases/slide.svs", slide)
+def _ingested(
+    tmp_path: Path, seed: int = 8, handler: TilerHandler | None = None
+) -> tuple[TilerHandler, pb.SlideIngested]:
+    slide = tmp_path / f"slide-{seed}.svs"
+    generate_slide(slide, SynthSpec(width=8000, height=6000, mpp=0.5, seed=seed, tumour_fraction=0.2))
+    if handler is None:
+        settings = Settings(cache_dir=tmp_path / "cache", isolation_memory_bytes=3 * 1024**3)
+        store = FilesystemObjectStore(tmp_path / "store")
+        for bucket in (settings.uploads_bucket, settings.artifacts_bucket):
+            store.ensure_bucket(bucket)
+        handler = TilerHandler(ServiceContext(settings, "tiler", store))
+    settings, store = handler.ctx.settings, handler.ctx.store
+    source = store.put_file_if_absent(settings.uploads_bucket, f"cases/{slide.name}", slide)
     profile = pb.PipelineProfile(target_mpp=0.5, tile_size=224, tiles_per_shard=8, min_tissue_fraction=0.25)
     profile.profile_id = profile_id(profile)
     digest = sha256_file(slide)
@@ -38,7 +43,7 @@ def _ingested(tmp_path: Path) -> tuple[TilerHandler, pb.SlideIngested]:
         source=pb.ObjectRef(bucket=source.bucket, key=source.key, size=source.size, sha256=digest),
         profile=profile,
     )
-    return TilerHandler(ServiceContext(settings, "tiler", store)), event
+    return handler, event
 
 
 def _ids(outputs: list[Outgoing]) -> list[str]:
@@ -77,11 +82,14 @@ def test_plan_and_shards_go_out_while_the_slide_is_cut_each_exactly_once(
     assert _ids(again) == _ids(everything)
 
 
-def test_without_a_runtime_everything_is_returned(tmp_path: Path) -> None:
-    handler, event = _ingested(tmp_path)
-    outputs = handler.handle(Incoming(SLIDES_INGESTED, 0, 0, b"", event.SerializeToString(), [], event))
-    assert outputs[0].topic == TILE_PLANS
-    assert len([o for o in outputs if o.topic == TILE_SHARDS]) >= 10
+def test_without_a_runtime_everything_is_returned_slide_after_slide(tmp_path: Path) -> None:
+    handler = None
+    for seed in (8, 9):  # the decoder child outlives each slide's tiling (it is reused for the next)
+        handler, event = _ingested(tmp_path, seed, handler)
+        message = Incoming(SLIDES_INGESTED, 0, seed, b"", event.SerializeToString(), [], event)
+        outputs = handler.handle(message)
+        assert outputs[0].topic == TILE_PLANS
+        assert len([o for o in outputs if o.topic == TILE_SHARDS]) >= 10
 
 
 def _stored_manifest(handler: TilerHandler, event: pb.SlideIngested) -> dict:

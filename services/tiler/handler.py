@@ -270,6 +270,9 @@ class TilerHandler:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.isolated = IsolatedRunner(ctx.settings.isolation_memory_bytes, timeout_s=3600)
+        # One long-lived thread submits to the decoder pool and waits, while the handler's thread publishes
+        # early. Long-lived because the decoder child dies with the thread that started it (PDEATHSIG).
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="tiler-child")
 
     def handle(self, message: Incoming) -> list[Outgoing]:
         event = message.event
@@ -310,21 +313,22 @@ class TilerHandler:
         early = _EarlyPublisher(self, event, run_id, prefix, work, message)
         try:
             profile_json = json_format.MessageToJson(event.profile)
-            with ThreadPoolExecutor(1, thread_name_prefix="tiler-child") as waiter:
-                child = waiter.submit(
-                    self.isolated.run,
-                    f"tiling {event.meta.slide_id}",
-                    tile_slide,
-                    str(path),
-                    profile_json,
-                    str(work),
-                    event.meta.slide_id,
-                )
+            child = self._waiter.submit(
+                self.isolated.run,
+                f"tiling {event.meta.slide_id}",
+                tile_slide,
+                str(path),
+                profile_json,
+                str(work),
+                event.meta.slide_id,
+            )
+            try:
                 while not child.done():  # the plan, then each shard, downstream while the rest are cut
                     early.poll()
                     with contextlib.suppress(FutureTimeout):
                         child.result(timeout=EARLY_POLL_S)
-                plan = child.result()
+            finally:
+                plan = child.result()  # also after a failed publish: the work dir is the child's until then
             if "rejected" in plan:
                 raise SlideUntileable(plan["rejected"], plan["reason"])
             refs = dict(early.refs)
