@@ -112,7 +112,10 @@ def assess_shard(shard: Shard, profile: Any, *, use_table: bool | None = None) -
     per_tile: list[dict[str, Any]] = []
     limits = QcThresholds.from_profile(profile)
     background = Background.from_dict(shard.header.get("background"))
-    mpp = float(shard.header.get("mpp") or getattr(profile, "target_mpp", 0.0) or 0.5)
+    # The tiles' true scale (within the tiler's tolerance of the target; older shards: the target).
+    mpp = float(
+        shard.header.get("tile_mpp") or shard.header.get("mpp") or getattr(profile, "target_mpp", 0.0) or 0.5
+    )
     buffer: np.ndarray | None = None
     for start in range(0, len(shard), QC_BATCH_TILES):
         indices = range(start, min(start + QC_BATCH_TILES, len(shard)))
