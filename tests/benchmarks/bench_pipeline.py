@@ -261,17 +261,13 @@ def run_pipeline(
     from wsitk.shared.ops import services_down, services_up
     from wsitk.shared.stack import LocalStack
 
+    from tests.conftest import pipeline_env
+
     home = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir=workdir))
     keys = [f"bench/{path.name}" for path in slides]
     with LocalStack() as stack:
-        env = {
-            **stack.env(),
-            "WSI_HOME": str(home),
-            "WSI_MODEL_DIR": str(models),
-            "WSI_CACHE_DIR": str(home / "cache"),
-            "WSI_POLL_INTERVAL_S": "1",
-            "WSI_LAG_INTERVAL_S": "2",
-        }
+        # The tests' service environment, with the product's shard size (the tests use small shards).
+        env = pipeline_env(stack, models, home, WSI_TILES_PER_SHARD=str(Settings().tiles_per_shard))
         os.environ["WSI_HOME"] = str(home)
         settings = Settings(**{k.removeprefix("WSI_").lower(): v for k, v in env.items() if k != "WSI_HOME"})
         services_up(PIPELINE_SERVICES, env=env, replicas=replicas)
