@@ -1,7 +1,8 @@
-"""The scorer's delivery rules: infrastructure failures are retried without being counted as attempts.
+"""The scorer's delivery rules on the real attempt ledger: infrastructure failures are not attempts.
 
-Against the real PostgreSQL attempt ledger of the test stack; the scorer's handler and producer are
-replaced by stand-ins, because what is under test is the counting around them.
+The scorer's stream delivers through the shared ``DeliveryPolicy`` (``scorer_policy``); here it runs
+against the real PostgreSQL ledger of the test stack with a stand-in handler and producer, because
+what is under test is the counting around them (the rules themselves: tests/unit/test_delivery_policy.py).
 """
 
 from __future__ import annotations
@@ -10,34 +11,29 @@ import asyncio
 import itertools
 from typing import Any
 
-from wsitk.services.mil_scorer.stream import ScorerStream
-from wsitk.shared.bus.runtime import AttemptLedger, Incoming
+from wsitk.services.mil_scorer.stream import scorer_policy
+from wsitk.shared.bus.delivery import AttemptLedger, Incoming, call_each
+from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.db.connection import Database
 from wsitk.shared.errors import PermanentError, TransientError
+from wsitk.shared.topics import DEADLETTER
 
 from tests.conftest import Pipeline
 
 _OFFSETS = itertools.count(1_000_000)
 
 
-def _stream(pipeline: Pipeline, handle: Any) -> tuple[ScorerStream, list[Incoming]]:
+def _deliver(pipeline: Pipeline, handle: Any, message: Incoming) -> list[Outgoing]:
     settings = pipeline.settings().model_copy(update={"max_attempts": 3, "infra_backoff_max_s": 0.05})
-    stream = ScorerStream.__new__(ScorerStream)  # no Faust app: the delivery rules only
-    stream.settings = settings
-    stream.ledger = AttemptLedger(Database(settings.dsn()), "test-scorer-delivery")
-    stream.ready = False
-    dead: list[Incoming] = []
+    ledger = AttemptLedger(Database(settings.dsn()), "test-scorer-delivery")
+    policy = scorer_policy(settings, ledger, lambda _ready: None)
+    produced: list[Outgoing] = []
 
-    async def send_all(items: list[Any]) -> None:
-        return None
+    async def produce(outputs: list[Outgoing]) -> None:
+        produced.extend(outputs)
 
-    async def dead_letter(message: Incoming, error: BaseException) -> None:
-        dead.append(message)
-
-    stream.handle = handle  # type: ignore[method-assign]
-    stream.send_all = send_all  # type: ignore[method-assign]
-    stream.dead_letter = dead_letter  # type: ignore[method-assign]
-    return stream, dead
+    asyncio.run(policy.deliver([message], call_each(handle, policy.run), produce))
+    return produced
 
 
 def _message() -> Incoming:
@@ -58,16 +54,15 @@ def test_an_object_store_blip_longer_than_the_attempt_limit_dead_letters_nothing
     seen_counts: list[int] = []
     message = _message()
 
-    async def flaky(incoming: Incoming) -> list[Any]:
+    def flaky(incoming: Incoming) -> list[Any]:
         calls["n"] += 1
         seen_counts.append(_count(pipeline, incoming))
         if calls["n"] <= 6:  # twice the attempt limit of transient failures (S3 unreachable)
             raise TransientError("S3 unreachable")
         return []
 
-    stream, dead = _stream(pipeline, flaky)
-    asyncio.run(stream.process(message))
-    assert calls["n"] == 7 and dead == []
+    produced = _deliver(pipeline, flaky, message)
+    assert calls["n"] == 7 and produced == []
     assert max(seen_counts) == 1  # every retry of a blip is still the first attempt
     assert _count(pipeline, message) == 0  # cleared once handled
 
@@ -76,10 +71,11 @@ def test_deterministic_failures_still_dead_letter_at_the_limit(pipeline: Pipelin
     calls = {"n": 0}
     message = _message()
 
-    async def broken(incoming: Incoming) -> list[Any]:
+    def broken(incoming: Incoming) -> list[Any]:
         calls["n"] += 1
         raise PermanentError("bad-embedding", "the embedding object is not a matrix")
 
-    stream, dead = _stream(pipeline, broken)
-    asyncio.run(stream.process(message))
-    assert calls["n"] == 3 and dead == [message]
+    produced = _deliver(pipeline, broken, message)
+    assert calls["n"] == 3
+    assert [o.topic for o in produced] == [DEADLETTER]
+    assert _count(pipeline, message) == 0

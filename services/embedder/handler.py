@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from wsitk.services.embedder.engine import EmbeddingEngine, ShardJob
+from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
-from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb
 from wsitk.shared.errors import PermanentError

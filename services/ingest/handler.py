@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
+from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
-from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import deterministic_id, new_meta, pb
 from wsitk.shared.corrections import lookup_override

@@ -6,10 +6,10 @@ acknowledgement first: at least once). The per-slide state is *not* a Faust tabl
 recovery fails against the local broker after a SIGKILL, so the state lives in PostgreSQL
 (``MilScorer``), where any restart finds it.
 
-The delivery rules of the other services hold here too, with the same pieces of shared code: the
-durable attempt ledger (poison recognised after a crash), bounded retries then a dead letter plus a
-public ``SlideFailed``, unlimited retries with backoff for infrastructure failures with readiness
-reported false, ``/metrics`` ``/healthz`` ``/readyz`` and JSON logs.
+The delivery rules of the other services hold here too, from the same code: ``shared/bus/delivery.py``'s
+``DeliveryPolicy`` (the durable attempt ledger, poison recognised after a crash, bounded retries then a
+dead letter plus a public ``SlideFailed``, unlimited retries with backoff for infrastructure failures
+with readiness reported false), and ``/metrics`` ``/healthz`` ``/readyz`` and JSON logs.
 
 Timeouts are shortened from Faust's defaults (60 s session and rebalance), with which a restarted
 worker on the local broker waited over 100 s for partitions; with these it resumes in about 20 s.
@@ -20,29 +20,34 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faust
 import structlog
 from wsitk.services.mil_scorer.scorer import SERVICE, MilScorer
+from wsitk.shared.bus.delivery import (
+    AttemptLedger,
+    DeliveryPolicy,
+    Incoming,
+    Ledger,
+    Result,
+    call_each,
+)
 from wsitk.shared.bus.kafka import Outgoing, report_lag
-from wsitk.shared.bus.runtime import AttemptLedger, Incoming, dead_letter_outputs
 from wsitk.shared.config import Settings, wsi_home
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import MalformedEvent, decode, package_version, pb
-from wsitk.shared.errors import PermanentError, is_transient
+from wsitk.shared.errors import PermanentError
 from wsitk.shared.logging import configure_logging, get_logger
 from wsitk.shared.metrics import (
     BUILD_INFO,
-    DEAD_LETTERS,
     ERRORS,
     EVENTS_IN,
-    EVENTS_OUT,
     HANDLE_SECONDS,
     IN_FLIGHT,
     READY,
-    REDELIVERIES,
     HealthServer,
 )
 from wsitk.shared.topics import EMBEDDINGS, TILE_PLANS, topic, topic_table
@@ -68,16 +73,21 @@ def _broker_credentials(settings: Settings) -> Any:
 
 
 class ScorerStream:
-    """What the Faust agent does with one event: the shared delivery rules around ``MilScorer``."""
+    """What the Faust agent does with one event: the shared ``DeliveryPolicy`` around ``MilScorer``.
+
+    A thin adapter: Faust delivers one event at a time and commits its offset once the agent returns;
+    counting, retries, dead letters and the infrastructure backoff are the policy's, as in every other
+    service.
+    """
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
         self.settings = settings
         self.scorer = MilScorer(ServiceContext(settings, SERVICE))
-        self.ledger = AttemptLedger(self.scorer.ctx.db, GROUP)
         self.outputs = {
             name: app.topic(name, key_serializer="raw", value_serializer="raw") for name in topic_table()
         }
         self.ready = False
+        self.policy = scorer_policy(settings, AttemptLedger(self.scorer.ctx.db, GROUP), self.set_ready)
 
     def set_ready(self, value: bool) -> None:
         self.ready = value
@@ -95,83 +105,54 @@ class ScorerStream:
             )
         for future in pending:
             await future
-        for out in items:
-            EVENTS_OUT.labels(SERVICE, out.topic).inc()
 
-    async def handle(self, message: Incoming) -> list[Outgoing]:
+    def handle(self, message: Incoming) -> list[Outgoing]:
         event = message.event
         if isinstance(event, pb.TilePlan):
-            return await asyncio.to_thread(self.scorer.on_plan, event)
-        assert isinstance(event, pb.ShardEmbedding)
-        return await asyncio.to_thread(self.scorer.on_embedding, event)
-
-    async def attempt(self, message: Incoming) -> None:
-        """One durable-counted attempt: count, handle, produce, clear the count.
-
-        An infrastructure failure while handling or producing takes the count back (as the shared runtime
-        does), so retries through an S3 or database blip never add up to a dead letter.
-        """
-        counts = await asyncio.to_thread(self.ledger.increment, [message])
-        message.attempt = counts[(message.topic, message.partition, message.offset)]
-        if message.attempt > 1:
-            REDELIVERIES.labels(SERVICE).inc()
-        if message.attempt > self.settings.max_attempts:
-            raise PermanentError(
-                "poison-message", f"failed or crashed the scorer {message.attempt - 1} times"
-            )
-        started = time.perf_counter()
-        try:
-            produced = await self.handle(message)
-            HANDLE_SECONDS.labels(SERVICE, message.topic).observe(time.perf_counter() - started)
-            await self.send_all(produced)
-        except Exception as exc:
-            if is_transient(exc):  # not the message's fault: take back the attempt counted above
-                try:
-                    await asyncio.to_thread(self.ledger.forget_transient, message)
-                except Exception as ledger_error:  # the database may be what is down; the retry recounts
-                    log.warning("could not take back an attempt", error=str(ledger_error))
-            raise
-        await asyncio.to_thread(self.ledger.clear, [message])
+            return self.scorer.on_plan(event)
+        if isinstance(event, pb.ShardEmbedding):
+            return self.scorer.on_embedding(event)
+        raise PermanentError("unexpected-event", f"the scorer does not consume {type(event).__name__}")
 
     async def process(self, message: Incoming) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self.attempt(message)
-                self.set_ready(True)
-                return
-            except Exception as exc:
-                if is_transient(
-                    exc
-                ):  # infrastructure: forever, with backoff; nothing counted or dead-lettered
-                    self.set_ready(False)
-                    ERRORS.labels(SERVICE, "infrastructure").inc()
-                    log.warning(
-                        "infrastructure failure, retrying",
-                        error=f"{type(exc).__name__}: {exc}",
-                        retry_in_s=delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.settings.infra_backoff_max_s)
-                    continue
-                ERRORS.labels(SERVICE, "handler").inc()
-                log.warning(
-                    "handler failed",
-                    slide_id=message.slide_id,
-                    event_id=message.event_id,
-                    attempt=message.attempt,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                if message.attempt >= self.settings.max_attempts or isinstance(exc, MalformedEvent):
-                    await self.dead_letter(message, exc)
-                    return
-                await asyncio.sleep(0.5)
+        """Deliver one event per the shared rules; returns when its outputs are acknowledged."""
+        started = time.perf_counter()
+        await self.policy.deliver([message], call_each(self.handle, _in_thread), self.send_all)
+        HANDLE_SECONDS.labels(SERVICE, message.topic).observe(time.perf_counter() - started)
 
-    async def dead_letter(self, message: Incoming, error: BaseException) -> None:
-        DEAD_LETTERS.labels(SERVICE, message.topic).inc()
-        log.error("dead-lettered", slide_id=message.slide_id, event_id=message.event_id, error=str(error))
-        await self.send_all(dead_letter_outputs(SERVICE, GROUP, message, error, message.attempt))
-        await asyncio.to_thread(self.ledger.clear, [message])
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(fn, *args)
+
+
+def scorer_policy(settings: Settings, ledger: Ledger, ready: Callable[[bool], None]) -> DeliveryPolicy:
+    """The scorer's delivery policy: the shared one, waiting with plain sleeps (Faust keeps the membership)."""
+
+    async def wait_out(what: str, error: BaseException, delay: float) -> None:
+        ready(False)
+        ERRORS.labels(SERVICE, "infrastructure").inc()
+        log.warning(
+            "infrastructure failure, retrying",
+            step=what,
+            error=f"{type(error).__name__}: {error}",
+            retry_in_s=delay,
+        )
+        await asyncio.sleep(delay)
+
+    async def retry_pause() -> None:
+        await asyncio.sleep(0.5)
+
+    return DeliveryPolicy(
+        SERVICE,
+        GROUP,
+        ledger,
+        max_attempts=settings.max_attempts,
+        backoff_max_s=settings.infra_backoff_max_s,
+        run=_in_thread,
+        wait_out=wait_out,
+        retry_pause=retry_pause,
+        ready=ready,
+    )
 
 
 def scorer_datadir(replica: str = "") -> Path:
@@ -238,7 +219,8 @@ def build_app(settings: Settings) -> faust.App:
                 )
             except MalformedEvent as exc:
                 message = Incoming(raw.topic, raw.partition, raw.offset, raw.key, raw.value or b"", [], None)
-                await handler.dead_letter(message, exc)
+                await handler.policy.settle([Result.malformed(message, exc)], handler.send_all)
+                IN_FLIGHT.labels(SERVICE).set(0)
                 continue
             structlog.contextvars.bind_contextvars(slide_id=message.slide_id, event_id=message.event_id)
             try:

@@ -25,8 +25,8 @@ from wsitk.services.quality_filter.measures import (
     measure,
     measure_batch,
 )
+from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
-from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb
 from wsitk.shared.metrics import TILES

@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 from google.protobuf.message import Message
 from psycopg.types.json import Jsonb
+from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
-from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb, tiling_run_id, to_json_dict
 from wsitk.shared.logging import get_logger

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
+from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
-from wsitk.shared.bus.runtime import Incoming
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb, tiling_run_id
 from wsitk.shared.errors import PermanentError

@@ -1,8 +1,9 @@
-"""The consumer runtime: one loop that every service runs around its handler.
+"""The consumer runtime: one aiokafka loop that every service but the scorer runs around its handler.
 
 A service is a ``ServiceSpec``: a name, the topics it consumes, and a handler that turns one
-decoded event into the events it produces. Everything DESIGN.md section 2 asks of a consumer
-lives here, once:
+decoded event into the events it produces. The delivery rules (attempt ledger, retries, dead
+letters) are ``delivery.DeliveryPolicy``'s, shared with the scorer's Faust stream; this module is
+the Kafka side of DESIGN.md section 2:
 
 - batches from ``getmany``; a new group starts at the earliest offset;
 - the handler runs in a worker thread while the assigned partitions are *paused* and the loop
@@ -10,11 +11,8 @@ lives here, once:
   takes;
 - outputs are produced with ``acks=all`` and awaited; only then is the offset committed
   (at-least-once; the handlers' effects are idempotent);
-- infrastructure failures (``errors.is_transient``) are retried without limit, with capped
-  exponential backoff, readiness reported false, nothing counted or dead-lettered;
-- deterministic failures are retried up to ``max_attempts`` and then dead-lettered with the error
-  and the original payload. Attempts are counted in PostgreSQL *before* the handler runs, so a
-  message that kills the process is recognised as poison after the restart;
+- while the policy waits out an infrastructure failure the partitions stay paused, polling goes on
+  and readiness is reported false;
 - SIGTERM finishes (or, past a bound, hands back) the batch in hand, commits, leaves the group and
   exits 0;
 - ``/metrics``, ``/healthz``, ``/readyz``, and JSON logs with slide id and event id on every line.
@@ -27,79 +25,62 @@ import contextlib
 import os
 import signal
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from google.protobuf.message import Message
+from wsitk.shared.bus.delivery import (
+    AttemptLedger,
+    DeadLetterHook,
+    DeliveryPolicy,
+    HandBack,
+    Handler,
+    Incoming,
+    Outcome,
+    Result,
+    call_batch,
+    call_each,
+    dead_letter_outputs,
+    decode_message,
+)
 from wsitk.shared.bus.kafka import Outgoing, make_consumer, make_producer, produce_all, report_lag
 from wsitk.shared.config import Settings
-from wsitk.shared.contracts import MalformedEvent, decode, new_meta, package_version, pb
+from wsitk.shared.contracts import MalformedEvent, package_version
 from wsitk.shared.db.connection import Database
-from wsitk.shared.errors import PermanentError, TransientError, is_transient
+from wsitk.shared.errors import TransientError, is_transient
 from wsitk.shared.logging import configure_logging, get_logger
 from wsitk.shared.metrics import (
     BATCH_SIZE,
     BUILD_INFO,
-    DEAD_LETTERS,
     ERRORS,
     EVENTS_IN,
     EVENTS_OUT,
     HANDLE_SECONDS,
     IN_FLIGHT,
     READY,
-    REDELIVERIES,
     HealthServer,
 )
-from wsitk.shared.topics import DEADLETTER, SLIDES_FAILED, topic
+
+__all__ = [
+    "AttemptLedger",
+    "BatchHandler",
+    "DeadLetterHook",
+    "Handler",
+    "Incoming",
+    "PeriodicTask",
+    "Produce",
+    "ServiceRuntime",
+    "ServiceSpec",
+    "dead_letter_outputs",
+    "run_service",
+]
 
 log = get_logger()
 
 
-@dataclass
-class Incoming:
-    """One consumed message, decoded. ``event`` is None on topics that do not carry wsi.v1 messages."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: Sequence[tuple[str, bytes]]
-    event: Message | None
-    attempt: int = 1
-    #: Set by the runtime while the handler runs: produce some outputs now, before the handler returns
-    #: (waits for the broker's acknowledgement). For long handlers whose outputs can start the next stage
-    #: early (the tiler's plan and each shard as it is stored). Outputs are deterministic, so a retry of
-    #: the message producing them again is absorbed downstream like any redelivery. None outside a runtime.
-    emit: Callable[[list[Outgoing]], None] | None = field(default=None, repr=False, compare=False)
-
-    def publish_now(self, outputs: list[Outgoing]) -> bool:
-        """Produce ``outputs`` now when the runtime allows it (True); False: return them from the handler."""
-        if self.emit is None:
-            return False
-        self.emit(outputs)
-        return True
-
-    @property
-    def slide_id(self) -> str:
-        if self.event is not None:
-            return str(self.event.meta.slide_id)  # type: ignore[attr-defined]
-        return ""
-
-    @property
-    def event_id(self) -> str:
-        if self.event is not None:
-            return str(self.event.meta.event_id)  # type: ignore[attr-defined]
-        return f"{self.topic}:{self.partition}:{self.offset}"
-
-
-Handler = Callable[[Incoming], list[Outgoing]]
-BatchHandler = Callable[[list[Incoming]], list["list[Outgoing] | BaseException"]]
-DeadLetterHook = Callable[[Incoming, BaseException], list[Outgoing]]
+BatchHandler = Callable[[list[Incoming]], list[Outcome]]
 Produce = Callable[[list[Outgoing]], None]
 PeriodicTask = Callable[[Produce], None]
 
@@ -121,120 +102,11 @@ class ServiceSpec:
     shutdown_grace_s: float = 60.0
 
 
-@dataclass
-class _Result:
-    message: Incoming
-    outputs: list[Outgoing] = field(default_factory=list)
-    error: BaseException | None = None
-    dead_letter: bool = False
-
-
-class AttemptLedger:
-    """Durable attempt counts per (group, topic, partition, offset), in PostgreSQL."""
-
-    def __init__(self, db: Database, group: str) -> None:
-        self.db = db
-        self.group = group
-
-    def increment(self, messages: Sequence[Incoming]) -> dict[tuple[str, int, int], int]:
-        if not messages:
-            return {}
-        rows = [(self.group, m.topic, m.partition, m.offset) for m in messages]
-        out: dict[tuple[str, int, int], int] = {}
-        with self.db.transaction() as conn, conn.cursor() as cur:
-            for row in rows:
-                cur.execute(
-                    'INSERT INTO delivery_attempts (consumer_group, topic, partition, "offset", attempts) '
-                    'VALUES (%s, %s, %s, %s, 1) ON CONFLICT (consumer_group, topic, partition, "offset") '
-                    "DO UPDATE SET attempts = delivery_attempts.attempts + 1, updated_at = now() "
-                    "RETURNING attempts",
-                    row,
-                )
-                fetched = cur.fetchone()
-                out[(row[1], row[2], row[3])] = int(fetched[0]) if fetched else 1
-        return out
-
-    def record_error(self, message: Incoming, error: str) -> None:
-        self.db.execute(
-            "UPDATE delivery_attempts SET last_error = %s WHERE consumer_group = %s AND topic = %s "
-            'AND partition = %s AND "offset" = %s',
-            (error[:2000], self.group, message.topic, message.partition, message.offset),
-        )
-
-    def forget_transient(self, message: Incoming) -> None:
-        """An infrastructure failure is not the message's fault: take its attempt back."""
-        self.db.execute(
-            "UPDATE delivery_attempts SET attempts = GREATEST(attempts - 1, 0) WHERE consumer_group = %s "
-            'AND topic = %s AND partition = %s AND "offset" = %s',
-            (self.group, message.topic, message.partition, message.offset),
-        )
-
-    def clear(self, messages: Sequence[Incoming]) -> None:
-        if not messages:
-            return
-        with self.db.transaction() as conn, conn.cursor() as cur:
-            cur.executemany(
-                "DELETE FROM delivery_attempts WHERE consumer_group = %s AND topic = %s AND partition = %s "
-                'AND "offset" = %s',
-                [(self.group, m.topic, m.partition, m.offset) for m in messages],
-            )
-
-
 def decode_record(record: ConsumerRecord) -> Incoming:
-    """Decode per the topic table; raises MalformedEvent for anything that is not its contract."""
-    spec = topic(record.topic)
-    value = record.value or b""
-    event = decode(record.topic, value) if spec.message != "minio-s3-notification" else None
-    return Incoming(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=value,
-        headers=list(record.headers or []),
-        event=event,
+    """Decode a Kafka record per the topic table; raises MalformedEvent if it is not its contract."""
+    return decode_message(
+        record.topic, record.partition, record.offset, record.key, record.value, record.headers
     )
-
-
-def dead_letter_outputs(
-    service: str, group: str, message: Incoming, error: BaseException, attempts: int
-) -> list[Outgoing]:
-    """The dead letter itself plus the public SlideFailed outcome when the slide is known."""
-    slide_id = message.slide_id or (message.key or b"").decode("utf-8", "replace").split("/")[0] or "unknown"
-    key = (message.key or b"").decode("utf-8", "replace") or slide_id
-    reason = f"{type(error).__name__}: {error}"
-    letter = pb.DeadLetter(
-        meta=new_meta(
-            service=service,
-            slide_id=slide_id,
-            event_parts=["dead-letter", message.topic, str(message.partition), str(message.offset)],
-        ),
-        source_topic=message.topic,
-        source_partition=message.partition,
-        source_offset=message.offset,
-        original_key=message.key or b"",
-        original_value=message.value,
-        service=service,
-        consumer_group=group,
-        error_type=getattr(error, "code", type(error).__name__),
-        error=reason[:4000],
-        attempts=attempts,
-    )
-    outputs = [Outgoing(DEADLETTER, key, letter)]
-    if message.event is not None:
-        run_id = str(getattr(message.event, "tiling_run_id", ""))
-        failed = pb.SlideFailed(
-            meta=new_meta(
-                service=service, slide_id=slide_id, event_parts=["failed", message.topic, message.event_id]
-            ),
-            stage=service,
-            reason_code="dead-lettered",
-            reason=f"{service} gave up on an event of this slide after {attempts} attempts: {reason[:500]}. "
-            "Fix the cause, then `wsi redrive` replays it.",
-            tiling_run_id=run_id,
-        )
-        outputs.append(Outgoing(SLIDES_FAILED, slide_id, failed))
-    return outputs
 
 
 class ServiceRuntime:
@@ -252,6 +124,19 @@ class ServiceRuntime:
         self._ready = False
         self._buffer: list[ConsumerRecord] = []
         self._health: HealthServer | None = None
+        self.policy = DeliveryPolicy(
+            spec.name,
+            self.group,
+            self.ledger,
+            max_attempts=self.max_attempts,
+            backoff_max_s=settings.infra_backoff_max_s,
+            run=self._in_worker,
+            wait_out=self._infra_pause,
+            retry_pause=self._infra_pause_short,
+            ready=self._set_ready,
+            stopping=self._stopping.is_set,
+            on_dead_letter=spec.on_dead_letter,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -285,7 +170,7 @@ class ServiceRuntime:
                 asyncio.create_task(self._periodic(interval, fn)) for interval, fn in self.spec.periodic
             ]
             if self.spec.on_start is not None:
-                await self._retry_infra("on_start", self.spec.on_start)
+                await self.policy.retry_infra("on_start", self.spec.on_start)
             await self._consume_loop()
             for task in tasks:
                 task.cancel()
@@ -315,8 +200,10 @@ class ServiceRuntime:
     async def _close_clients(self) -> None:
         for client in (self.consumer, self.producer):
             if client is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await client.stop()
+                except Exception as exc:  # noqa: BLE001 - closing a broken client; a new one follows
+                    log.debug("closing a Kafka client failed", error=f"{type(exc).__name__}: {exc}")
         self.consumer = None
         self.producer = None
 
@@ -371,20 +258,6 @@ class ServiceRuntime:
         task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         return await self._keepalive_until(task)
 
-    async def _retry_infra(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` in a worker; retry transient failures forever with backoff."""
-        delay = 0.5
-        while True:
-            try:
-                result = await self._in_worker(fn, *args)
-                self._set_ready(True)
-                return result
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                await self._infra_pause(what, exc, delay)
-                delay = min(delay * 2, self.settings.infra_backoff_max_s)
-
     async def _infra_pause(self, what: str, exc: BaseException, delay: float = 1.0) -> None:
         self._set_ready(False)
         ERRORS.labels(self.spec.name, "infrastructure").inc()
@@ -406,22 +279,17 @@ class ServiceRuntime:
         self.consumer.pause(*assigned)
         IN_FLIGHT.labels(self.spec.name).set(len(records))
         try:
-            results, decoded = self._decode_all(records)
-            if decoded:
-                attempts = await self._retry_infra("count attempts", self.ledger.increment, decoded)
-                for message in decoded:
-                    message.attempt = attempts.get((message.topic, message.partition, message.offset), 1)
-                    if message.attempt > 1:
-                        REDELIVERIES.labels(self.spec.name).inc()
-                results += await self._handle_with_retries(decoded)
-            await self._finish(results)
+            malformed, decoded = self._decode_all(records)
+            results = malformed + await self.policy.handle(decoded, self._call_handler)
+            await self.policy.settle(results, self._produce)
+            await self._commit([r.message for r in results])
         finally:
             IN_FLIGHT.labels(self.spec.name).set(0)
             if self.consumer is not None:
                 self.consumer.resume(*self.consumer.assignment())
 
-    def _decode_all(self, records: list[ConsumerRecord]) -> tuple[list[_Result], list[Incoming]]:
-        results: list[_Result] = []
+    def _decode_all(self, records: list[ConsumerRecord]) -> tuple[list[Result], list[Incoming]]:
+        malformed: list[Result] = []
         decoded: list[Incoming] = []
         for record in records:
             EVENTS_IN.labels(self.spec.name, record.topic).inc()
@@ -437,62 +305,8 @@ class ServiceRuntime:
                     list(record.headers or []),
                     None,
                 )
-                results.append(_Result(raw, error=exc, dead_letter=True))
-        return results, decoded
-
-    async def _handle_with_retries(self, messages: list[Incoming]) -> list[_Result]:
-        done: list[_Result] = []
-        pending = []
-        for message in messages:
-            if message.attempt > self.max_attempts:  # poison: it failed (or killed us) too often already
-                error = PermanentError(
-                    "poison-message",
-                    f"handling this message failed or crashed the {self.spec.name} process "
-                    f"{message.attempt - 1} times (limit {self.max_attempts})",
-                )
-                done.append(_Result(message, error=error, dead_letter=True))
-            else:
-                pending.append(message)
-        delay = 0.5
-        while pending and not self._stopping.is_set():
-            outcomes = await self._call_handler(pending)
-            failed_transient: list[Incoming] = []
-            failed_again: list[Incoming] = []
-            first_transient: BaseException | None = None
-            for message, outcome in zip(pending, outcomes, strict=True):
-                if not isinstance(outcome, BaseException):
-                    done.append(_Result(message, outputs=outcome))
-                elif is_transient(outcome):
-                    first_transient = first_transient or outcome
-                    failed_transient.append(message)
-                    with contextlib.suppress(Exception):
-                        await asyncio.to_thread(self.ledger.forget_transient, message)
-                else:
-                    ERRORS.labels(self.spec.name, "handler").inc()
-                    self._log_failure(message, outcome)
-                    with contextlib.suppress(Exception):
-                        await asyncio.to_thread(
-                            self.ledger.record_error, message, f"{type(outcome).__name__}: {outcome}"
-                        )
-                    if message.attempt >= self.max_attempts or isinstance(outcome, MalformedEvent):
-                        done.append(_Result(message, error=outcome, dead_letter=True))
-                    else:
-                        failed_again.append(message)
-            if first_transient is not None:
-                await self._infra_pause("handler", first_transient, delay)
-                delay = min(delay * 2, self.settings.infra_backoff_max_s)
-            elif failed_again:
-                await self._infra_pause_short()
-            if failed_again:  # a deterministic retry is a new attempt, counted durably like the first
-                counts = await self._retry_infra("count attempts", self.ledger.increment, failed_again)
-                for message in failed_again:
-                    message.attempt = counts.get(
-                        (message.topic, message.partition, message.offset), message.attempt + 1
-                    )
-            pending = failed_transient + failed_again
-        if pending:
-            raise _HandBack()
-        return done
+                malformed.append(Result.malformed(raw, exc))
+        return malformed, decoded
 
     async def _infra_pause_short(self) -> None:
         sleeper = asyncio.ensure_future(asyncio.sleep(0.5))
@@ -510,78 +324,24 @@ class ServiceRuntime:
 
         return emit
 
-    async def _call_handler(self, messages: list[Incoming]) -> list[list[Outgoing] | BaseException]:
+    async def _call_handler(self, messages: list[Incoming]) -> list[Outcome]:
         spec = self.spec
         started = time.perf_counter()
         if spec.batch_handler is not None:
-            try:
-                outcomes = await self._in_worker(spec.batch_handler, messages)
-            except Exception as exc:
-                outcomes = [exc] * len(messages)
+            outcomes = await call_batch(spec.batch_handler, self._in_worker)(messages)
         else:
             assert spec.handler is not None
-            outcomes = []
             emit = self._emitter(asyncio.get_running_loop())
-            for message in messages:
-                message.emit = emit
-                try:
-                    outcomes.append(await self._in_worker(_call_one, spec.handler, message))
-                finally:
-                    message.emit = None
+            outcomes = await call_each(spec.handler, self._in_worker, emit)(messages)
         elapsed = time.perf_counter() - started
         for message in messages:
             HANDLE_SECONDS.labels(spec.name, message.topic).observe(elapsed / max(len(messages), 1))
         return outcomes
 
-    def _log_failure(self, message: Incoming, error: BaseException) -> None:
-        structlog.get_logger().warning(
-            "handler failed",
-            slide_id=message.slide_id,
-            event_id=message.event_id,
-            topic=message.topic,
-            attempt=message.attempt,
-            max_attempts=self.max_attempts,
-            error=f"{type(error).__name__}: {error}",
-            trace="".join(traceback.format_exception(error)[-3:])[-1500:],
-        )
-
-    async def _finish(self, results: list[_Result]) -> None:
-        """Produce every output (acks=all), dead-letter what must be, then commit. Retries infra forever."""
-        outputs: list[Outgoing] = []
-        for result in results:
-            if result.dead_letter and result.error is not None:
-                DEAD_LETTERS.labels(self.spec.name, result.message.topic).inc()
-                structlog.get_logger().error(
-                    "dead-lettered",
-                    slide_id=result.message.slide_id,
-                    event_id=result.message.event_id,
-                    topic=result.message.topic,
-                    error=str(result.error),
-                )
-                outputs += dead_letter_outputs(
-                    self.spec.name, self.group, result.message, result.error, result.message.attempt
-                )
-                if self.spec.on_dead_letter is not None:
-                    with contextlib.suppress(Exception):
-                        outputs += self.spec.on_dead_letter(result.message, result.error)
-            else:
-                outputs += result.outputs
-        delay = 0.5
-        while True:
-            try:
-                assert self.producer is not None
-                await produce_all(self.producer, outputs)
-                break
-            except PermanentError:
-                raise
-            except Exception as exc:
-                await self._infra_pause("produce", exc, delay)
-                delay = min(delay * 2, self.settings.infra_backoff_max_s)
-        for out in outputs:
-            EVENTS_OUT.labels(self.spec.name, out.topic).inc()
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.ledger.clear, [r.message for r in results])
-        await self._commit([r.message for r in results])
+    async def _produce(self, outputs: list[Outgoing]) -> None:
+        if self.producer is None:
+            raise TransientError("producer not connected")
+        await produce_all(self.producer, outputs)
 
     async def _commit(self, messages: list[Incoming]) -> None:
         assert self.consumer is not None
@@ -595,9 +355,7 @@ class ServiceRuntime:
             return
         try:
             await self.consumer.commit(offsets)
-        except (
-            Exception
-        ) as exc:  # a rebalance took the partition: the new owner redelivers, effects are idempotent
+        except Exception as exc:  # noqa: BLE001 - a rebalance took the partition: the new owner redelivers
             ERRORS.labels(self.spec.name, "commit").inc()
             log.warning("offset commit failed; the messages will be redelivered", error=str(exc))
 
@@ -622,26 +380,12 @@ class ServiceRuntime:
             await asyncio.sleep(interval)
 
 
-class _HandBack(Exception):
-    """Shutting down with work unfinished: leave it uncommitted for the next owner."""
-
-
-def _call_one(handler: Handler, message: Incoming) -> list[Outgoing] | BaseException:
-    structlog.contextvars.bind_contextvars(slide_id=message.slide_id, event_id=message.event_id)
-    try:
-        return handler(message)
-    except Exception as exc:
-        return exc
-    finally:
-        structlog.contextvars.unbind_contextvars("slide_id", "event_id")
-
-
 def run_service(spec: ServiceSpec, settings: Settings) -> int:
     """Entry point of every service process."""
     runtime = ServiceRuntime(spec, settings)
     try:
         return asyncio.run(runtime.run())
-    except _HandBack:
+    except HandBack:
         return 0
     except TransientError as exc:
         log.error("giving up on start", error=str(exc))
