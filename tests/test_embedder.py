@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from wsitk.services.embedder.engine import EmbeddingEngine, ShardEmbedded, ShardJob, embedding_key
+from wsitk.services.embedder.engine import EmbeddingEngine, ShardEmbedded, ShardJob
+from wsitk.shared.keys import embedding_key
 from wsitk.shared.models.export import export_backbone
 from wsitk.shared.models.runtime import BackboneRunner
 from wsitk.shared.objectstore import FilesystemObjectStore

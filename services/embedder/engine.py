@@ -37,15 +37,11 @@ from typing import Any
 
 import numpy as np
 from wsitk.shared.cpus import usable_cpus
+from wsitk.shared.keys import embedding_key
 from wsitk.shared.objectstore import ObjectStore, StoredObject
 from wsitk.shared.shards import Shard
 
 StainNormalizer = Callable[[np.ndarray, Any], np.ndarray]  # (uint8 tile [H, W, 3], StainParams) -> uint8
-
-
-def embedding_key(slide_id: str, tiling_run_id: str, backbone_id: str, shard_id: str) -> str:
-    """Where a shard's embeddings live; the backbone id is part of it, so two encoders never mix."""
-    return f"embeddings/{slide_id}/{tiling_run_id}/{backbone_id}/{shard_id}.npz"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb
 from wsitk.shared.errors import PermanentError
+from wsitk.shared.keys import object_ref
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import MODEL_INFO, TILES
 from wsitk.shared.objectstore import StoredObject
@@ -182,7 +183,5 @@ class EmbedderHandler:
             profile=event.profile,
         )
         if count and stored is not None:
-            out.embeddings.CopyFrom(
-                pb.ObjectRef(bucket=stored.bucket, key=stored.key, size=stored.size, sha256=stored.sha256)
-            )
+            out.embeddings.CopyFrom(object_ref(stored))
         return Outgoing(EMBEDDINGS, slide_id, out)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import io
 import zlib
-from typing import Any
 
 import numpy as np
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import deterministic_id, new_meta, pb
 from wsitk.shared.errors import is_transient
+from wsitk.shared.keys import attention_key, explanations_prefix, object_ref, shard_key
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import MODEL_INFO
 from wsitk.shared.models.registry import profile_mismatch
@@ -155,7 +155,7 @@ class MilScorer:
         )
         attention_ref = self.ctx.store.put_if_absent(
             self.ctx.settings.artifacts_bucket,
-            f"attention/{slide_id}/{run_id}/{model.model_version}.npz",
+            attention_key(slide_id, run_id, model.model_version),
             buffer.getvalue(),
         )
         heatmap, mosaic = self._explain(plan, model.model_version, coords, attention, top, shard_index)
@@ -243,7 +243,7 @@ class MilScorer:
 
         slide_id, run_id = plan.meta.slide_id, plan.tiling_run_id
         bucket = self.ctx.settings.artifacts_bucket
-        prefix = f"explanations/{slide_id}/{run_id}/{version}"
+        prefix = explanations_prefix(slide_id, run_id, version)
         refs: list[pb.ObjectRef | None] = [None, None]
         try:
             thumbnail = None
@@ -261,14 +261,16 @@ class MilScorer:
                 plan.slide_height,
                 thumbnail=thumbnail,
             )
-            refs[0] = _ref(self.ctx.store.put_if_absent(bucket, f"{prefix}/heatmap.png", png, "image/png"))
+            refs[0] = object_ref(
+                self.ctx.store.put_if_absent(bucket, f"{prefix}/heatmap.png", png, "image/png")
+            )
             sources = [
-                ShardSource(bucket, f"tiles/{slide_id}/{run_id}/{sid}.shard", shard_coords)
+                ShardSource(bucket, shard_key(slide_id, run_id, sid), shard_coords)
                 for sid, shard_coords in shard_index.items()
             ]
             tiles = load_top_tiles(self.ctx.store, sources, coords[top])
             mosaic = top_tiles_mosaic(tiles, attention[top])
-            refs[1] = _ref(
+            refs[1] = object_ref(
                 self.ctx.store.put_if_absent(bucket, f"{prefix}/top-tiles.png", mosaic, "image/png")
             )
         except Exception as exc:  # missing shards or thumbnail (S3 NoSuchKey), an undecodable tile
@@ -288,7 +290,3 @@ class MilScorer:
             tiling_run_id=plan.tiling_run_id,
         )
         return Outgoing(SLIDES_FAILED, plan.meta.slide_id, event)
-
-
-def _ref(stored: Any) -> pb.ObjectRef:
-    return pb.ObjectRef(bucket=stored.bucket, key=stored.key, size=stored.size, sha256=stored.sha256)

@@ -29,6 +29,7 @@ from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb
+from wsitk.shared.keys import object_ref, qc_report_key
 from wsitk.shared.metrics import TILES
 from wsitk.shared.shards import Shard, mask_from_bytes, mask_to_bytes
 from wsitk.shared.slides.optical import Background
@@ -57,7 +58,7 @@ class QualityFilterHandler:
         event = message.event
         assert isinstance(event, pb.TileShard)
         bucket = self.ctx.settings.artifacts_bucket
-        key = f"qc/{event.meta.slide_id}/{event.tiling_run_id}/{event.shard_id}.json"
+        key = qc_report_key(event.meta.slide_id, event.tiling_run_id, event.shard_id)
         stored = self.ctx.store.stat(bucket, key)
         if stored is not None:
             report = json.loads(self.ctx.store.get_bytes(bucket, key))
@@ -81,9 +82,7 @@ class QualityFilterHandler:
             accepted_count=int(accepted.sum()),
             accepted_mask=mask_to_bytes(accepted),
             rejected_by_reason=report["rejected_by_reason"],
-            metrics=pb.ObjectRef(
-                bucket=stored.bucket, key=stored.key, size=stored.size, sha256=stored.sha256
-            ),
+            metrics=object_ref(stored),
             profile=event.profile,
             stain=event.stain,
         )

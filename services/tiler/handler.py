@@ -45,6 +45,7 @@ from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb, tiling_run_id
 from wsitk.shared.errors import PermanentError
 from wsitk.shared.isolation import IsolatedRunner
+from wsitk.shared.keys import tiles_prefix, tiling_manifest_key
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import SLIDE_STAGE_SECONDS, TILES
 from wsitk.shared.objectstore import StoredObject
@@ -279,11 +280,11 @@ class TilerHandler:
         assert isinstance(event, pb.SlideIngested)
         slide_id = event.meta.slide_id
         run_id = tiling_run_id(slide_id, event.profile)
-        prefix = f"tiles/{slide_id}/{run_id}"
+        prefix = tiles_prefix(slide_id, run_id)
         bucket = self.ctx.settings.artifacts_bucket
-        manifest_ref = self.ctx.store.stat(bucket, f"{prefix}/manifest.json")
+        manifest_ref = self.ctx.store.stat(bucket, tiling_manifest_key(slide_id, run_id))
         if manifest_ref is not None:
-            manifest = json.loads(self.ctx.store.get_bytes(bucket, f"{prefix}/manifest.json"))
+            manifest = json.loads(self.ctx.store.get_bytes(bucket, tiling_manifest_key(slide_id, run_id)))
             log.info("tiling run already stored; re-publishing its events", tiling_run_id=run_id)
         else:
             try:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from wsitk.shared.keys import qc_report_key, shard_key, tiling_manifest_key, tissue_outline_key
 from wsitk.shared.models.explain import (
     attention_ranks,
     colormap_rgb,
@@ -58,11 +59,11 @@ class Overlays:
 
     def tissue(self, slide_id: str, run_id: str) -> bytes:
         """The tiler's tissue polygons (GeoJSON, level-0 pixels) as stored."""
-        return self.store.get_bytes(self.bucket, f"tiles/{slide_id}/{run_id}/tissue.geojson")
+        return self.store.get_bytes(self.bucket, tissue_outline_key(slide_id, run_id))
 
     def manifest(self, slide_id: str, run_id: str) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads(
-            self.store.get_bytes(self.bucket, f"tiles/{slide_id}/{run_id}/manifest.json")
+            self.store.get_bytes(self.bucket, tiling_manifest_key(slide_id, run_id))
         )
         return manifest
 
@@ -73,16 +74,14 @@ class Overlays:
         counts: dict[str, int] = {}
         for shard in manifest.get("shards", []):
             shard_id = str(shard["shard_id"])
-            report_key = f"qc/{slide_id}/{run_id}/{shard_id}.json"
+            report_key = qc_report_key(slide_id, run_id, shard_id)
             if self.store.stat(self.bucket, report_key) is None:
                 continue  # not quality-checked yet
             report = json.loads(self.store.get_bytes(self.bucket, report_key))
             accepted = report.get("accepted", [])
             if all(accepted):
                 continue
-            coords = Shard(
-                self.store.get_bytes(self.bucket, f"tiles/{slide_id}/{run_id}/{shard_id}.shard")
-            ).coords
+            coords = Shard(self.store.get_bytes(self.bucket, shard_key(slide_id, run_id, shard_id))).coords
             per_tile = report.get("tiles", [])
             for index, ok in enumerate(accepted):
                 if ok or index >= len(coords):
