@@ -16,7 +16,7 @@ one that measured about 300-350 tiles/s), so it pins the decisions of that imple
 * ``real/<file>``: each labelled tile of ``../shared/fixtures/real/tiles`` whole (512 px at its own
   resolution, default background, as ``tests/test_real_slides.py``), and ``real224/<file>`` box-resized
   to 224 px at 0.5 um/px (as the handler test there);
-* ``synth/<look>/<recipe>``: 224 px tiles rendered by ``shared/slides/synth.py`` at 0.5 um/px in each
+* ``synth/<look>/<recipe>``: 224 px tiles rendered by ``shared/slides/synth/`` at 0.5 um/px in each
   scanner look (``shared/slides/looks.py``, plus glass clipped at 255 and two random looks), clean
   normal, tumour and glass, a marker stroke of each colour (wide and thin), blur, dark debris, an
   over-exposed flash on tissue and on glass, a tissue edge, and adipose-like septa on glass; each JPEG round-tripped at quality

@@ -7,7 +7,7 @@ exports, line scanners that leave faint strip boundaries, and red marker pens. A
 describes one such appearance; :data:`LOOKS` names a set of them and :func:`random_look` draws
 combinations within :data:`RANGES`, so that accuracy is measured across looks, not on one.
 
-How a look changes the pixels (``shared/slides/synth.py`` applies it):
+How a look changes the pixels (``shared/slides/synth/`` applies it):
 
 * ``white_rgb``: the glass white point, i.e. the illumination. Transmitted light is
   ``white_rgb * exp(-OD)`` for glass and tissue alike, so tissue on yellow glass is yellowish and tissue on
