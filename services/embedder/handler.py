@@ -155,8 +155,7 @@ class EmbedderHandler:
         for index, message in enumerate(messages):
             if isinstance(outcomes[index], BaseException):
                 continue
-            event = message.event
-            assert isinstance(event, pb.QcResult)
+            event = message.event_as(pb.QcResult)
             outcomes[index] = [self._output(event, *known.get(index, (None, 0)))]
         return outcomes
 

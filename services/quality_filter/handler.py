@@ -55,8 +55,7 @@ class QualityFilterHandler:
         self.ctx = ctx
 
     def handle(self, message: Incoming) -> list[Outgoing]:
-        event = message.event
-        assert isinstance(event, pb.TileShard)
+        event = message.event_as(pb.TileShard)
         bucket = self.ctx.settings.artifacts_bucket
         key = qc_report_key(event.meta.slide_id, event.tiling_run_id, event.shard_id)
         stored = self.ctx.store.stat(bucket, key)

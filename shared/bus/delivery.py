@@ -24,7 +24,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from google.protobuf.message import Message
@@ -37,6 +37,8 @@ from wsitk.shared.metrics import DEAD_LETTERS, ERRORS, EVENTS_OUT, REDELIVERIES
 from wsitk.shared.topics import DEADLETTER, SLIDES_FAILED, topic
 
 log = get_logger()
+
+E = TypeVar("E", bound=Message)
 
 
 @dataclass
@@ -63,6 +65,17 @@ class Incoming:
             return False
         self.emit(outputs)
         return True
+
+    def event_as(self, kind: type[E]) -> E:
+        """The decoded event as the type the handler consumes; anything else is a ``MalformedEvent``.
+
+        The runtime decodes by the topic table, so a mismatch means a topic carries the wrong contract:
+        dead-lettered at once, never an ``AssertionError`` counted as a crash.
+        """
+        if not isinstance(self.event, kind):
+            got = type(self.event).__name__ if self.event is not None else "no wsi.v1 event"
+            raise MalformedEvent(f"{self.topic} delivered {got}; this handler consumes {kind.__name__}")
+        return self.event
 
     @property
     def position(self) -> tuple[str, int, int]:

@@ -222,3 +222,19 @@ def test_the_scorers_policy_retries_an_object_store_outage_longer_than_the_attem
     assert [o.topic for o in produced] == [TILE_PLANS], "nothing dead-lettered"
     assert False in readiness and readiness[-1] is True
     assert ledger.counts == {}
+
+
+def test_an_event_of_the_wrong_contract_is_dead_lettered_at_once_not_retried() -> None:
+    broker = MemoryBroker()
+    broker.publish([_ingested("s")])
+    calls: list[str] = []
+
+    def handler(message: Incoming) -> list[Outgoing]:
+        calls.append(message.slide_id)
+        message.event_as(pb.TileShard)  # this handler consumes shards; the topic carried a SlideIngested
+        return []
+
+    MemoryRunner(_spec(handler), broker, max_attempts=3).drain()
+    assert calls == ["s"]
+    (letter,) = broker.events(DEADLETTER)
+    assert "consumes TileShard" in letter.error and letter.attempts == 1  # type: ignore[attr-defined]
