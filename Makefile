@@ -51,6 +51,12 @@ system-deps:
 	@command -v chromium >/dev/null || { \
 	  echo "installing Debian's chromium (the viewer's browser test, headless)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v dciodvfy >/dev/null || { \
+	  echo "installing Debian's dicom3tools (dciodvfy validates the DICOM results in the tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null; }
+	@command -v Orthanc >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  echo "installing Debian's orthanc and orthanc-dicomweb (the DICOMweb archive of the pull test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
 	@command -v kubectl >/dev/null || echo "note: kubectl (1.27+, with built-in kustomize) is needed by tests/test_deploy_static.py"
 
 models: setup

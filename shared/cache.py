@@ -2,7 +2,8 @@
 
 Files are named by content digest, never by the object key, so a key like ``../../etc/passwd`` or
 ``/abs/x.svs`` can never make the cache write outside its directory. The extension is kept (some
-formats are detected by it) only when it is a short alphanumeric suffix.
+formats are detected by it) only when it is a short alphanumeric suffix. A multi-file slide's zip is
+unpacked beside itself (``<digest>.zip.d/``) by whoever opens it, and evicted with it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import re
 import threading
 from pathlib import Path, PurePosixPath
 
-from wsitk.shared.errors import PermanentError
+from wsitk.shared.errors import DISK_FULL_ERRNOS, PermanentError, local_disk_full
 from wsitk.shared.logging import get_logger
 from wsitk.shared.objectstore import ObjectStore, sha256_file
+from wsitk.shared.slides.bundle import remove_unpacked, unpack_dir
 
 log = get_logger()
 _SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
+
+
+def _tree_size(directory: Path) -> int:
+    """Bytes under a multi-file slide's unpacked folder (``shared/slides/bundle.py``); 0 when absent."""
+    if not directory.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def safe_suffix(key: str) -> str:
@@ -62,7 +71,12 @@ class SlideCache:
             return path, expected_sha256 or sha256_file(path)
         with self._lock:
             self._evict(incoming=0)
-        store.download(bucket, key, path, version_id=version_id)
+        try:
+            store.download(bucket, key, path, version_id=version_id)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise local_disk_full("the slide cache", self.directory, f"{bucket}/{key}") from exc
         digest = sha256_file(path)
         if expected_sha256 and digest != expected_sha256:
             path.unlink(missing_ok=True)
@@ -77,12 +91,15 @@ class SlideCache:
         return path, digest
 
     def _evict(self, incoming: int) -> None:
+        # The folder can vanish under a running service (a cache volume replaced or wiped): recreate it.
+        self.directory.mkdir(parents=True, exist_ok=True)
         entries = [p for p in self.directory.iterdir() if p.is_file()]
-        total = sum(p.stat().st_size for p in entries) + incoming
+        total = sum(p.stat().st_size + _tree_size(unpack_dir(p)) for p in entries) + incoming
         for path in sorted(entries, key=lambda p: p.stat().st_atime):
             if total <= self.max_bytes:
                 break
-            size = path.stat().st_size
+            size = path.stat().st_size + _tree_size(unpack_dir(path))
             path.unlink(missing_ok=True)
+            remove_unpacked(path)
             total -= size
             log.info("cache evicted", file=path.name, bytes=size)

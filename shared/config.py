@@ -15,13 +15,24 @@ from urllib.parse import quote
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: Variables that point the tools at a stack without a local state directory (a real deployment).
+ENDPOINT_VARIABLES = (
+    "WSI_ENV_FILE",
+    "WSI_KAFKA_BOOTSTRAP",
+    "WSI_DATABASE_URL",
+    "WSI_DATABASE_URL_FILE",
+    "WSI_S3_ENDPOINT",
+)
 
-def wsi_home() -> Path:
-    """The local state directory: stack data, service logs, cached slides and default models.
 
-    ``WSI_HOME`` when set; otherwise the nearest ``.wsi`` folder in the working directory or one of its
-    parents (found the way git finds its repository, so the README's commands work from a checkout
-    after ``make demo``); otherwise ``~/.wsi``.
+class StateNotFound(RuntimeError):
+    """No local state directory: neither ``WSI_HOME`` nor a ``.wsi`` folder here, above, or in ``~``."""
+
+
+def find_wsi_home() -> Path | None:
+    """The local state directory if there is one: ``WSI_HOME`` when set; otherwise the nearest ``.wsi``
+    folder in the working directory or one of its parents (found the way git finds its repository, so
+    the README's commands work from a checkout after ``make demo``); otherwise ``~/.wsi`` if it exists.
     """
     configured = os.environ.get("WSI_HOME")
     if configured:
@@ -30,7 +41,29 @@ def wsi_home() -> Path:
     for folder in (here, *here.parents):
         if (folder / ".wsi").is_dir():
             return folder / ".wsi"
-    return (Path.home() / ".wsi").resolve()
+    user_home = (Path.home() / ".wsi").resolve()
+    return user_home if user_home.is_dir() else None
+
+
+def wsi_home() -> Path:
+    """The local state directory: stack data, service logs, cached slides and default models.
+
+    ``find_wsi_home()``, or ``~/.wsi`` where nothing is found yet (``wsi stack up`` creates it there).
+    """
+    return find_wsi_home() or (Path.home() / ".wsi").resolve()
+
+
+def require_wsi_home() -> Path:
+    """The local state directory, or ``StateNotFound`` saying what to do, for the commands that talk to
+    a stack; endpoints given in the environment (a real deployment) need no local state."""
+    found = find_wsi_home()
+    if found is not None or any(os.environ.get(name) for name in ENDPOINT_VARIABLES):
+        return found or wsi_home()
+    raise StateNotFound(
+        f"no local stack found: WSI_HOME is unset and there is no .wsi folder in {Path.cwd()} or its "
+        "parents, nor in your home folder; run wsi from the checkout where `make demo` (or `wsi stack up`) "
+        "ran, or set WSI_HOME to that .wsi folder (or the WSI_* endpoints to a running stack)"
+    )
 
 
 def default_env_file() -> Path:
@@ -89,6 +122,17 @@ class Settings(BaseSettings):
     reconcile_interval_s: int = 300
     poll_interval_s: float = 2.0  # the ingest bucket poller
     poller_enabled: bool = True
+    # Multi-file slides (DICOM series, MIRAX; docs/interoperability.md): a group whose files are complete by
+    # what they declare is ingested once no new file arrived for the settle time (or at once when a
+    # manifest.json lists its files); one still incomplete after the timeout is rejected with the reason.
+    multifile_settle_s: float = 30.0
+    multifile_timeout_s: float = 3600.0
+    multifile_check_interval_s: float = 5.0
+    dicom_uid_key: SecretStr = SecretStr("")  # set: DICOM UIDs are pseudonymised with this key (HMAC)
+    # Results for hospital systems (docs/interoperability.md): DICOM SR + parametric map, FHIR R4
+    interop_results: bool = True
+    fhir_identifier_system: str = "urn:wsitk:slide"  # the system of the slide id in FHIR identifiers
+    fhir_subject_reference: str = ""  # e.g. "Patient/123" fixed by the integration; empty: no subject
 
     # Local paths
     cache_dir: Path = Field(default_factory=lambda: wsi_home() / "cache")
@@ -123,6 +167,9 @@ class Settings(BaseSettings):
     embed_messages_per_batch: int = 32  # QC results consumed and embedded together
     embed_decode_workers: int = 0  # decoding/preprocessing threads; 0 = cores - 1
     embed_prefetch_batches: int = 3  # model batches prepared ahead of the running one (the bounded queue)
+    # Shards fetched from the object store ahead of the one being packed into batches (each holds its
+    # compressed tiles, ~4 MB at 256 tiles): enough to hide S3 latency on CPU; raise it for a GPU.
+    embed_fetch_ahead_shards: int = 3
     embed_backend: str = "auto"  # "onnxruntime", "torch" (CUDA torch beside a CPU-only onnxruntime) or "auto"
 
     # Viewer (docs/viewer.md): read-only web service; its own database role (SELECT only)
@@ -145,6 +192,11 @@ class Settings(BaseSettings):
 
     def kafka_password(self) -> str:
         secret = _read_secret_file(self.kafka_sasl_password, "WSI_KAFKA_SASL_PASSWORD_FILE")
+        return secret.get_secret_value() if secret else ""
+
+    def dicom_uid_secret(self) -> str:
+        """The key that pseudonymises DICOM UIDs (``WSI_DICOM_UID_KEY`` or ``_FILE``); empty: UIDs kept."""
+        secret = _read_secret_file(self.dicom_uid_key, "WSI_DICOM_UID_KEY_FILE")
         return secret.get_secret_value() if secret else ""
 
     def s3_secret(self) -> str:

@@ -13,7 +13,7 @@ override was registered keeps its result until ``wsi reprocess`` runs it again.
 **Reprocess.** ``plan_reprocess`` builds a new profile from the one pinned on the slide: the current
 per-slide MPP (``--mpp``, else the registered override, else the pinned one) and the tissue/QC settings
 given (``--set qc_min_tissue_fraction=0.3``), and a ``SlideIngested`` for the recorded upload carrying
-it (``origin="reprocess"``), built by ingest's own ``build_slide_ingested``. A new profile id is a new
+it (``origin="reprocess"``), built by ``shared/announce.py: build_slide_ingested`` as ingest builds it. A new profile id is a new
 tiling run: new shards, embeddings and a new prediction beside the old ones (the recorder keeps every
 run, ``slide_runs``, and the newest drives the slide's status). A slide rejected at ingest has no
 profile yet: reprocess announces its upload to ingest again, which inspects it with the override now
@@ -310,7 +310,7 @@ def plan_reprocess(
 ) -> Reprocess:
     """The events that run one recorded slide again with a new profile (module docstring)."""
     from google.protobuf import json_format
-    from wsitk.services.ingest.handler import make_bucket_event
+    from wsitk.shared.announce import make_bucket_event
     from wsitk.shared.bus.kafka import Outgoing
     from wsitk.shared.contracts import pb, profile_id
     from wsitk.shared.topics import BUCKET_EVENTS
@@ -392,7 +392,7 @@ def _announce(
     additional_source: bool,
     reason: str,
 ) -> Outgoing:
-    from wsitk.services.ingest.handler import build_slide_ingested
+    from wsitk.shared.announce import build_slide_ingested
 
     return build_slide_ingested(
         slide_id=slide_id,

@@ -97,7 +97,11 @@ SERVICE_TOPIC_ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "embedder": {"read": ("wsi.qc.results",), "write": ("wsi.embeddings",)},
     "mil-scorer": {"read": ("wsi.tiles.plans", "wsi.embeddings"), "write": ("wsi.predictions",)},
     # every topic but the raw bucket events; re-announces unfinished slides when reconciling
-    "recorder": {"read": ("*", "-wsi.bucket-events"), "write": ("wsi.bucket-events", "wsi.slides.ingested")},
+    # and publishes the results for hospital systems (DICOM, FHIR) of each prediction it records
+    "recorder": {
+        "read": ("*", "-wsi.bucket-events"),
+        "write": ("wsi.bucket-events", "wsi.slides.ingested", "wsi.results.dicom", "wsi.results.fhir"),
+    },
 }
 KEDA_USER, OPERATOR_USER = "wsi-keda", "wsi-operator"
 
@@ -256,7 +260,7 @@ def _yaml_dump_all(documents: Sequence[dict[str, Any]]) -> str:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
     _Dumper.add_representer(str, _str)
-    _Dumper.ignore_aliases = lambda self, data: True  # type: ignore[method-assign]  # plain YAML for kubectl
+    _Dumper.ignore_aliases = lambda self, data: True  # plain YAML for kubectl
     return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=110, explicit_start=True)
 
 

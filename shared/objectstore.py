@@ -148,8 +148,19 @@ class S3ObjectStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         # A name of its own per download: two processes fetching one object never write one file.
         partial = dest.with_name(f"{dest.name}.{os.getpid()}-{threading.get_ident()}.partial")
-        self.client.fget_object(bucket, check_key(key), str(partial), version_id=version_id or None)
-        os.replace(partial, dest)
+        try:
+            self.client.fget_object(
+                bucket,
+                check_key(key),
+                str(partial),
+                version_id=version_id or None,
+                tmp_file_path=f"{partial}.part",
+            )
+            os.replace(partial, dest)
+        except BaseException:  # a failed download (a full disk, a cut connection) leaves no debris
+            for leftover in (partial, Path(f"{partial}.part")):
+                leftover.unlink(missing_ok=True)
+            raise
 
     def list_keys(self, bucket: str, prefix: str = "") -> Iterator[StoredObject]:
         for item in self.client.list_objects(bucket, prefix=prefix or None, recursive=True):

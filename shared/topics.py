@@ -21,6 +21,8 @@ EMBEDDINGS = "wsi.embeddings"
 PREDICTIONS = "wsi.predictions"
 SLIDES_FAILED = "wsi.slides.failed"
 DEADLETTER = "wsi.deadletter"
+RESULTS_DICOM = "wsi.results.dicom"
+RESULTS_FHIR = "wsi.results.fhir"
 
 
 @dataclass(frozen=True)

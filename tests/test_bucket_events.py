@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from wsitk.services.ingest.handler import make_bucket_event, parse_bucket_event
+from wsitk.services.ingest.handler import parse_bucket_event
+from wsitk.shared.announce import make_bucket_event
 from wsitk.shared.errors import PermanentError
 
 

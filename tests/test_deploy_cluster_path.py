@@ -68,7 +68,7 @@ def _secret_names_made_by_script() -> set[str]:
 
 def _referenced_secrets(docs: list[dict[str, Any]]) -> set[str]:
     """Every Secret name a rendered resource needs (env, volumes, custom resources; not optional ones)."""
-    names: set[str] = set()
+    names: set[str | None] = set()
 
     def walk(node: Any, key: str = "") -> None:
         if isinstance(node, dict):
@@ -86,8 +86,7 @@ def _referenced_secrets(docs: list[dict[str, Any]]) -> set[str]:
 
     for doc in docs:
         walk(doc)
-    names.discard(None)  # type: ignore[arg-type]
-    return names
+    return {name for name in names if name is not None}
 
 
 # -- images and packages ------------------------------------------------------------------------------
@@ -257,6 +256,8 @@ def test_make_secrets_creates_each_secret_once_and_scopes_every_identity(tmp_pat
         for a in i["actions"]
     )
     assert not any(a.startswith("Write:wsi-uploads") for i in identities.values() for a in i["actions"])
+    recorder_actions = identities["recorder"]["actions"]
+    assert recorder_actions == ["Read:wsi-artifacts", "Write:wsi-artifacts", "List:wsi-artifacts"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -276,8 +277,13 @@ def test_each_service_uses_its_own_object_store_identity(overlay: str) -> None:
                 else:
                     assert secret != "wsi-s3-admin", f"{name} must not hold the admin identity"
     recorder = by_kind(docs, "Deployment")["recorder"]
-    env = [v["name"] for c in _containers(_pod(recorder)) for v in c.get("env", [])]
-    assert not any(v.startswith("WSI_S3_") for v in env), "the recorder never touches the object store"
+    keys = {
+        v["valueFrom"]["secretKeyRef"]["name"]
+        for c in _containers(_pod(recorder))
+        for v in c.get("env", [])
+        if v["name"] == "WSI_S3_ACCESS_KEY"
+    }
+    assert keys == {"wsi-s3-recorder"}, "the recorder writes the DICOM/FHIR results with its own identity"
 
 
 # -- rollout and scaling ------------------------------------------------------------------------------

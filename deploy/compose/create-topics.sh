@@ -20,6 +20,8 @@ create --topic wsi.qc.results --partitions 24 --config retention.ms=604800000 --
 create --topic wsi.embeddings --partitions 12 --config retention.ms=604800000 --config max.message.bytes=1000000 --config cleanup.policy=delete
 create --topic wsi.predictions --partitions 6 --config retention.ms=2592000000 --config max.message.bytes=1000000 --config cleanup.policy=delete
 create --topic wsi.slides.failed --partitions 3 --config retention.ms=2592000000 --config max.message.bytes=1000000 --config cleanup.policy=delete
+create --topic wsi.results.dicom --partitions 3 --config retention.ms=2592000000 --config max.message.bytes=1000000 --config cleanup.policy=delete
+create --topic wsi.results.fhir --partitions 3 --config retention.ms=2592000000 --config max.message.bytes=1000000 --config cleanup.policy=delete
 create --topic wsi.deadletter --partitions 3 --config retention.ms=2592000000 --config max.message.bytes=1000000 --config cleanup.policy=delete
 
 echo "topics ready on $KAFKA_BOOTSTRAP"

@@ -13,9 +13,9 @@
 #   models           artifacts: rwl      the Job wsi-models (uploads the default models)
 #   postgres-backup  backups: rwl        CloudNativePG's Barman Cloud plugin (ObjectStore wsi-backups)
 #   ingest, tiler    uploads: rl, artifacts: rwl
-#   quality-filter, embedder, mil-scorer  artifacts: rwl
+#   quality-filter, embedder, mil-scorer, recorder  artifacts: rwl (the recorder: DICOM/FHIR results)
 #   viewer           uploads: rl, artifacts: rl
-# The recorder has no object-store identity. Database: wsi-pg-app-role (the services' role wsi_app)
+# Database: wsi-pg-app-role (the services' role wsi_app)
 # and wsi-pg-viewer-role (wsi_viewer), which CloudNativePG creates as managed roles. Kafka passwords
 # are Strimzi's (one Secret per KafkaUser), the database owner's URL is CloudNativePG's (wsi-pg-app).
 set -eu
@@ -34,11 +34,11 @@ identity_actions() {
     models) rwl "$ARTIFACTS" ;;
     postgres-backup) rwl "$BACKUPS" ;;
     ingest | tiler) echo "$(rl "$UPLOADS") $(rwl "$ARTIFACTS")" ;;
-    quality-filter | embedder | mil-scorer) rwl "$ARTIFACTS" ;;
+    quality-filter | embedder | mil-scorer | recorder) rwl "$ARTIFACTS" ;;
     viewer) echo "$(rl "$UPLOADS") $(rl "$ARTIFACTS")" ;;
   esac
 }
-IDENTITIES="admin models postgres-backup ingest tiler quality-filter embedder mil-scorer viewer"
+IDENTITIES="admin models postgres-backup ingest tiler quality-filter embedder mil-scorer recorder viewer"
 
 random() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
 exists() { $KUBECTL -n "$NAMESPACE" get secret "$1" >/dev/null 2>&1; }

@@ -13,7 +13,7 @@ malicious file cannot take the service down.
 A lab can correct a slide's physical resolution (``wsi mpp set``, shared/corrections.py): ingest looks a
 new slide up by its content slide id and its upload key, and a registered MPP is pinned in the profile
 (``slide_mpp_override``) and used instead of whatever the file says, also for a file with no MPP at all.
-``build_slide_ingested`` is the one way a ``SlideIngested`` is made, here and by ``wsi reprocess``.
+``shared/announce.py: build_slide_ingested`` is the one way a ``SlideIngested`` is made, here and by ``wsi reprocess``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
+from wsitk.services.ingest.multifile import MultiFileIngest, is_bundle_of
+from wsitk.shared.announce import build_slide_ingested
 from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import deterministic_id, new_meta, pb
 from wsitk.shared.corrections import lookup_override
-from wsitk.shared.errors import PermanentError
+from wsitk.shared.errors import PermanentError, scrub_local_paths
 from wsitk.shared.isolation import IsolatedRunner
 from wsitk.shared.logging import get_logger
-from wsitk.shared.topics import SLIDES_INGESTED, SLIDES_REJECTED
+from wsitk.shared.slides.bundle import remove_unpacked
+from wsitk.shared.slides.dicom import dicom_identity, pseudonymised_dicom_source
+from wsitk.shared.topics import SLIDES_REJECTED
 
 SERVICE = "ingest"
 MAX_KEY_BYTES = 1024
@@ -80,70 +84,25 @@ def parse_bucket_event(value: bytes) -> list[UploadNotice]:
     return notices
 
 
-def make_bucket_event(bucket: str, key: str, size: int, etag: str, version_id: str = "") -> bytes:
-    """The MinIO notification format, as the poller and `wsi submit` emit it."""
-    from urllib.parse import quote_plus
-
-    record = {
-        "eventVersion": "2.0",
-        "eventSource": "minio:s3",
-        "eventName": "s3:ObjectCreated:Put",
-        "s3": {
-            "bucket": {"name": bucket},
-            "object": {"key": quote_plus(key, safe="/"), "size": size, "eTag": etag, "versionId": version_id},
-        },
-    }
-    return json.dumps(
-        {"EventName": "s3:ObjectCreated:Put", "Key": f"{bucket}/{key}", "Records": [record]}
-    ).encode()
-
-
-def build_slide_ingested(
-    *,
-    slide_id: str,
-    source: pb.ObjectRef,
-    upload_key: str,
-    metadata: pb.SlideMetadata,
-    profile: pb.PipelineProfile,
-    event_parts: list[str],
-    additional_source: bool = False,
-    origin: str = "upload",
-    reason: str = "",
-) -> Outgoing:
-    """The ``SlideIngested`` event (keyed by slide id) that announces a slide to the tiler.
-
-    Ingest makes it for a new upload; ``wsi reprocess`` for a stored slide with another profile
-    (``origin="reprocess"``). ``event_parts`` name the event deterministically.
-    """
-    event = pb.SlideIngested(
-        meta=new_meta(service=SERVICE, slide_id=slide_id, event_parts=event_parts),
-        source=source,
-        upload_key=upload_key,
-        metadata=metadata,
-        profile=profile,
-        additional_source=additional_source,
-        origin=origin,
-        reason=reason,
-    )
-    return Outgoing(SLIDES_INGESTED, slide_id, event)
-
-
 def _inspect_in_child(
     path: str, max_pixels: int, mpp_override: float, slide_mpp_override: float = 0.0
 ) -> dict[str, Any]:
     """Runs in the isolated child: open + validate with OpenSlide 4; returns metadata or a rejection."""
+    from wsitk.shared.slides.bundle import BundleRejected, openable
     from wsitk.shared.slides.reader import SlideRejected, inspect_slide
 
     try:
+        slide_path = openable(Path(path))
         info = inspect_slide(
-            Path(path),
+            slide_path,
             max_pixels=max_pixels,
             mpp_override=mpp_override,
             slide_mpp_override=slide_mpp_override,
         )
-    except SlideRejected as exc:
+    except (SlideRejected, BundleRejected) as exc:
         return {"rejected": True, "code": exc.code, "reason": exc.reason}
     return {
+        "dicom": dicom_identity(slide_path),
         "rejected": False,
         "vendor": info.vendor,
         "width": info.width,
@@ -172,18 +131,19 @@ class IngestHandler:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.isolated = IsolatedRunner(ctx.settings.isolation_memory_bytes, timeout_s=600)
+        self.multifile = MultiFileIngest(self)
 
     def handle(self, message: Incoming) -> list[Outgoing]:
         outputs: list[Outgoing] = []
         for notice in parse_bucket_event(message.value):
-            if notice.bucket != self.ctx.settings.uploads_bucket:
+            settings = self.ctx.settings
+            if notice.bucket != settings.uploads_bucket and not is_bundle_of(settings, notice):
                 log.info("ignoring object outside the uploads bucket", bucket=notice.bucket)
                 continue
             outputs += self.ingest(notice)
         return outputs
 
     def ingest(self, notice: UploadNotice) -> list[Outgoing]:
-        settings = self.ctx.settings
         if len(notice.key.encode()) > MAX_KEY_BYTES:
             return [
                 self._rejected(
@@ -201,10 +161,12 @@ class IngestHandler:
         if stored is None:
             log.warning("uploaded object is gone; nothing to ingest", upload_key=notice.key)
             return []
+        grouped = self.multifile.route(notice, stored)  # a file of a DICOM series or a MIRAX slide
+        if grouped is not None:
+            return grouped
         path, digest = self.ctx.cache.fetch(
             self.ctx.store, notice.bucket, notice.key, version_id=stored.version_id, etag=stored.etag
         )
-        slide_id = digest[:32]
         source = pb.ObjectRef(
             bucket=notice.bucket,
             key=notice.key,
@@ -213,6 +175,21 @@ class IngestHandler:
             version_id=stored.version_id,
             etag=stored.etag,
         )
+        return self.ingest_file(notice, path, digest, source)
+
+    def ingest_file(
+        self,
+        notice: UploadNotice,
+        path: Path,
+        digest: str,
+        source: pb.ObjectRef,
+        *,
+        dicom: pb.DicomSource | None = None,
+        source_files: int = 0,
+    ) -> list[Outgoing]:
+        """Validate the downloaded slide ``path`` (one file, or a multi-file slide's zip) and announce it."""
+        settings = self.ctx.settings
+        slide_id = digest[:32]
         slide_mpp = lookup_override(self.ctx.db, slide_id, [notice.key])
         try:
             result = self.isolated.run(
@@ -227,8 +204,9 @@ class IngestHandler:
             return [self._rejected(slide_id, notice, source, exc.code, exc.reason)]
         finally:
             path.unlink(missing_ok=True)  # tiler fetches by checksum; ingest keeps no copy
+            remove_unpacked(path)
         if result["rejected"]:
-            reason = str(result["reason"]).replace(path.name, notice.key)
+            reason = scrub_local_paths(str(result["reason"]), {str(path): notice.key, path.name: notice.key})
             return [self._rejected(slide_id, notice, source, str(result["code"]), reason)]
         profile = self.ctx.current_profile(slide_mpp_override=slide_mpp.mpp if slide_mpp is not None else 0.0)
         metadata = pb.SlideMetadata(
@@ -243,14 +221,21 @@ class IngestHandler:
             has_icc_profile=result["has_icc_profile"],
             associated_images=result["associated_images"],
             file_size=result["file_size"],
+            source_files=source_files,
         )
+        if dicom is None and result.get("dicom"):  # a zip of a DICOM series uploaded as one object
+            # (or, re-announced by the reconciler, a bundle ingest made: its UIDs are pseudonymised already)
+            uid_key = "" if is_bundle_of(settings, notice) else settings.dicom_uid_secret()
+            dicom = pseudonymised_dicom_source(result["dicom"], uid_key)
+        if dicom is not None:
+            metadata.dicom.CopyFrom(dicom)
         ingested = build_slide_ingested(
             slide_id=slide_id,
             source=source,
             upload_key=notice.key,
             metadata=metadata,
             profile=profile,
-            event_parts=["ingested", notice.bucket, notice.key, stored.etag, profile.profile_id],
+            event_parts=["ingested", notice.bucket, notice.key, source.etag, profile.profile_id],
             additional_source=self._known_under_other_key(slide_id, notice.key),
         )
         log.info(
@@ -285,7 +270,7 @@ class IngestHandler:
             ),
             upload_key=notice.key,
             reason_code=code,
-            reason=reason,
+            reason=scrub_local_paths(reason),  # a public event: no paths of this machine
         )
         # Even when the content was never read, the upload is named so the rejection can be found by its key.
         event.source.CopyFrom(source or pb.ObjectRef(bucket=notice.bucket, key=notice.key, etag=notice.etag))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from wsitk.services.ingest.handler import SERVICE, IngestHandler
+from wsitk.services.ingest.multifile import check_groups
 from wsitk.services.ingest.poller import poll_bucket, reconcile
 from wsitk.shared.bus.runtime import Produce, ServiceSpec, run_service
 from wsitk.shared.config import Settings
@@ -17,6 +18,7 @@ def build(settings: Settings) -> ServiceSpec:
     handler = IngestHandler(ctx)
     periodic = [
         (settings.reconcile_interval_s, partial(_reconcile, ctx, settings.reconcile_interval_s)),
+        (settings.multifile_check_interval_s, partial(check_groups, ctx)),
     ]
     if settings.poller_enabled:
         periodic.append((settings.poll_interval_s, partial(_poll, ctx)))

@@ -8,15 +8,16 @@ ingest is idempotent) and never zero times. Only one replica polls at a time (an
 Reconciler: the local broker forgets everything when it restarts, and any broker can lose an event
 to an operator's mistake; PostgreSQL and the object store keep the truth. Slides the recorder knows
 as unfinished whose progress stalled, and announced uploads that never became a slide, are
-announced again (a slide whose current run came from ``wsi reprocess`` gets that run's
+announced again (files of multi-file slides are left to ``multifile.check_groups``; a slide whose current run came from ``wsi reprocess`` gets that run's
 ``SlideIngested`` again instead). Downstream stages reuse what they already stored, so a re-drive is cheap.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
-from wsitk.services.ingest.handler import make_bucket_event
+from wsitk.shared.announce import make_bucket_event
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.corrections import reannounce_reprocessed
@@ -78,6 +79,7 @@ def reconcile(ctx: ServiceContext, produce: Produce, stalled_after_s: float) -> 
         SELECT p.bucket, p.object_key, p.etag, NULL, false FROM poller_seen_objects p
         WHERE p.seen_at < now() - make_interval(secs => %s)
           AND NOT EXISTS (SELECT 1 FROM slide_sources src WHERE src.bucket = p.bucket AND src.upload_key = p.object_key)
+          AND NOT EXISTS (SELECT 1 FROM upload_group_parts g WHERE g.bucket = p.bucket AND g.object_key = p.object_key)
         """,
         (list(TERMINAL_STATUSES), stalled_after_s, stalled_after_s),
     )
@@ -100,3 +102,30 @@ def reconcile(ctx: ServiceContext, produce: Produce, stalled_after_s: float) -> 
         produce(outputs)
         log.info("reconciler re-announced unfinished uploads", count=len(outputs))
     return len(outputs)
+
+
+def cli_reconcile(args: argparse.Namespace) -> int:
+    """``wsi reconcile``: what the periodic reconciler does, once, now (after a broker restart)."""
+    import asyncio
+
+    from wsitk.shared.bus.kafka import make_producer, produce_all
+    from wsitk.shared.config import load_settings
+
+    settings = load_settings()
+    ctx = ServiceContext(settings, "cli")
+
+    async def run() -> int:
+        producer = make_producer(settings)
+        await producer.start()
+        loop = asyncio.get_running_loop()
+        try:
+
+            def produce(outputs: list[Outgoing]) -> None:
+                asyncio.run_coroutine_threadsafe(produce_all(producer, outputs), loop).result(timeout=60)
+
+            return await asyncio.to_thread(reconcile, ctx, produce, args.stalled_after)
+        finally:
+            await producer.stop()
+
+    print(f"re-announced {asyncio.run(run())} upload(s)")
+    return 0

@@ -3,7 +3,9 @@
 A batch of events is written in one transaction, all upserts: a redelivered event changes nothing
 but its audit row's ``deliveries`` count, which makes absorbed redeliveries visible. Status moves
 forward only (a late "ingested" never demotes a "predicted" slide). The recorder also enforces each
-slide's deadline: a slide stuck past ``WSI_SLIDE_DEADLINE_S`` is failed explicitly.
+slide's deadline: a slide stuck past ``WSI_SLIDE_DEADLINE_S`` is failed explicitly. For each prediction it
+records it writes the results for hospital systems (DICOM SR and parametric map, FHIR Bundle) and announces
+them on ``wsi.results.dicom`` and ``wsi.results.fhir`` (shared/interop/publish.py).
 
 A slide can be run more than once: ``wsi reprocess`` (or a re-upload after the profile changed)
 announces it with another profile, which is another tiling run. Every run is kept (``slide_runs``, in
@@ -234,8 +236,9 @@ def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
     cur.execute(
         "INSERT INTO predictions (prediction_id, slide_id, tiling_run_id, model_version, backbone_id, label, "
         "probability, threshold, scores, tiles_scored, tiles_total, top_tiles, attention_ref, event_id, produced_at, "
-        "origin, heatmap_ref, top_tiles_ref) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        "origin, heatmap_ref, top_tiles_ref, ood_score, ood_percentile, ood_limit, out_of_distribution) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT DO NOTHING",
         (
             e.prediction_id,
             e.meta.slide_id,
@@ -255,6 +258,12 @@ def _prediction(cur: psycopg.Cursor, e: pb.Prediction) -> None:
             e.origin or "stream",
             Jsonb(to_json_dict(e.heatmap)) if e.HasField("heatmap") else None,
             Jsonb(to_json_dict(e.top_tiles_image)) if e.HasField("top_tiles_image") else None,
+            # ood_limit 0: the model has no training-embedding summary, so the slide was not assessed
+            *(
+                (e.ood_score, e.ood_percentile, e.ood_limit, e.out_of_distribution)
+                if e.ood_limit
+                else (None,) * 4
+            ),
         ),
     )
     if not current and e.origin != "rescore":  # an earlier run's prediction: kept, the status is not its
@@ -323,6 +332,7 @@ WRITERS: dict[type[Message], Callable[[psycopg.Cursor, Any], None]] = {
     pb.Prediction: _prediction,
     pb.SlideFailed: _failed,
     pb.DeadLetter: _dead_letter,
+    pb.InteropResult: lambda cur, e: None,  # the results for hospital systems: the audit row is their record
 }
 
 
@@ -356,7 +366,7 @@ class RecorderHandler:
                 for message in messages:
                     self._write(cur, message)
             _publish_metrics()
-            return [[] for _ in messages]
+            return [self._results(message) for message in messages]
         except psycopg.DataError:
             _PENDING_METRICS.clear()
             results: list[list[Outgoing] | BaseException] = []
@@ -365,11 +375,19 @@ class RecorderHandler:
                     with self.ctx.db.transaction() as conn, conn.cursor() as cur:
                         self._write(cur, message)
                     _publish_metrics()
-                    results.append([])
+                    results.append(self._results(message))
                 except psycopg.DataError as exc:
                     _PENDING_METRICS.clear()
                     results.append(exc)
             return results
+
+    def _results(self, message: Incoming) -> list[Outgoing]:
+        """A recorded prediction's DICOM and FHIR results, stored and announced (shared/interop/publish.py)."""
+        if not isinstance(message.event, pb.Prediction) or not self.ctx.settings.interop_results:
+            return []
+        from wsitk.shared.interop.publish import interop_results
+
+        return interop_results(self.ctx, message.event, SERVICE)
 
     def _write(self, cur: psycopg.Cursor, message: Incoming) -> None:
         event = message.event

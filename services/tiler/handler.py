@@ -43,7 +43,7 @@ from wsitk.shared.bus.delivery import Incoming
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb, tiling_run_id
-from wsitk.shared.errors import PermanentError
+from wsitk.shared.errors import DISK_FULL_ERRNOS, PermanentError, local_disk_full, scrub_local_paths
 from wsitk.shared.isolation import IsolatedRunner
 from wsitk.shared.keys import tiles_prefix, tiling_manifest_key
 from wsitk.shared.logging import get_logger
@@ -73,10 +73,11 @@ def tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dic
     A slide that cannot be tiled as profiled comes back as ``{"rejected": code, "reason": ...}``
     (exceptions with extra fields do not cross the process boundary intact).
     """
+    from wsitk.shared.slides.bundle import openable
     from wsitk.shared.slides.reader import SlideRejected
 
-    try:
-        return _tile_slide(path, profile_json, out_dir, slide_id)
+    try:  # a multi-file slide (DICOM series, MIRAX) comes as a zip: unpacked once beside the cached file
+        return _tile_slide(str(openable(Path(path))), profile_json, out_dir, slide_id)
     except SlideRejected as exc:
         return {"rejected": exc.code, "reason": exc.reason}
 
@@ -276,8 +277,7 @@ class TilerHandler:
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="tiler-child")
 
     def handle(self, message: Incoming) -> list[Outgoing]:
-        event = message.event
-        assert isinstance(event, pb.SlideIngested)
+        event = message.event_as(pb.SlideIngested)
         slide_id = event.meta.slide_id
         run_id = tiling_run_id(slide_id, event.profile)
         prefix = tiles_prefix(slide_id, run_id)
@@ -339,6 +339,10 @@ class TilerHandler:
                         bucket, f"{prefix}/{shard['shard_id']}.shard", work / f"{shard['shard_id']}.shard"
                     )
             mask_ref, polygons_ref, thumbnail_ref = early.side_files()
+        except OSError as exc:  # shards are cut into the work folder first: a full disk waits, never fails
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise local_disk_full("the tiler's work folder", work.parent, f"tiling {run_id}") from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
         manifest = {
@@ -367,7 +371,7 @@ class TilerHandler:
             resampled=plan["resampled"],
             tiles_passed_through=plan["tiles_passed_through"],
             reader=plan["reader"],
-            reader_fallback_reason=plan["reader_fallback_reason"],
+            reader_fallback_reason=scrub_local_paths(plan["reader_fallback_reason"]),
             stain_method=plan["stain"].get("method", ""),
             background=plan["background"],
         )
@@ -531,7 +535,7 @@ class _EarlyPublisher:
 
 
 def _event_id(output: Outgoing) -> str:
-    return str(output.message.meta.event_id) if output.message is not None else ""  # type: ignore[attr-defined]
+    return str(output.message.meta.event_id) if output.message is not None else ""
 
 
 def _ref_dict(ref: StoredObject) -> dict[str, Any]:

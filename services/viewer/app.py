@@ -37,6 +37,7 @@ from wsitk.shared.errors import PermanentError, TransientError
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import READY, VIEWER_REQUEST_SECONDS, VIEWER_REQUESTS, VIEWER_TILE_CACHE
 from wsitk.shared.objectstore import ObjectStore
+from wsitk.shared.slides.bundle import openable
 
 log = get_logger()
 
@@ -161,7 +162,7 @@ class Viewer:
             version_id=source["version_id"] or "",
             expected_sha256=source["source_sha256"] or "",
         )
-        return path
+        return openable(path)  # a multi-file slide's zip: the file OpenSlide opens in its unpacked folder
 
     def is_ready(self) -> bool:
         now = time.monotonic()
@@ -367,7 +368,8 @@ class Viewer:
     async def readyz(self, request: web.Request) -> web.Response:
         try:
             ready = bool(await self.run(self.is_ready))
-        except Exception:  # any failure of a dependency is "not ready", never a 500
+        except Exception as exc:  # noqa: BLE001 - any failure of a dependency is "not ready", never a 500
+            log.info("not ready", error=f"{type(exc).__name__}: {exc}")
             ready = False
         READY.labels("viewer").set(1 if ready else 0)
         if ready:

@@ -35,6 +35,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     "ShardEmbedding": pb.ShardEmbedding,
     "Prediction": pb.Prediction,
     "DeadLetter": pb.DeadLetter,
+    "InteropResult": pb.InteropResult,
 }
 
 
