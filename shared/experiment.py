@@ -140,8 +140,13 @@ def cli_experiment(args: argparse.Namespace) -> int:
         command="wsi experiment " + " ".join(sys.argv[2:]),
     )
     train_s = time.monotonic() - t0
-    _say("[6/6] wsi evaluate: the held-out test patients, patient-bootstrap 95 % CIs")
-    metrics = evaluate_run(out / "run", bag_loader=loader, n_bootstrap=args.bootstrap)
+    _say("[6/6] wsi evaluate: the held-out test patients, 95 % CIs (clustered DeLong, Wilson, bootstrap)")
+    metrics = evaluate_run(
+        out / "run",
+        bag_loader=loader,
+        n_bootstrap=args.bootstrap,
+        max_tiles_per_slide=settings.max_tiles_per_slide,  # the scorer's cap: one scoring rule for both
+    )
     if args.promote:
         from wsitk.shared.models.lifecycle import cli_register
 

@@ -23,9 +23,12 @@ from wsitk.shared.models.evaluation import (
     Protocol,
     ReportInput,
     SplitSummary,
+    aggregate_by_patient,
+    auc_interval,
     brier_score,
     calibration_bins,
     confusion_matrix,
+    delong_auc_variance,
     evaluate,
     expected_calibration_error,
     fit_logistic_baseline,
@@ -38,6 +41,7 @@ from wsitk.shared.models.evaluation import (
     roc_auc,
     roc_curve,
     weighted_metrics,
+    wilson_interval,
 )
 
 # Seven slides, threshold 0.5: tumour 0.9, 0.6 called tumour, 0.4 missed; normal 0.7 called tumour, 0.3,
@@ -228,12 +232,14 @@ def test_bootstrap_is_reproducible_from_its_seed() -> None:
     assert any(first[name].lower != other[name].lower for name in METRICS)
 
 
-def test_resamples_with_one_class_are_skipped_for_auc_and_counted() -> None:
+def test_unstratified_resamples_with_one_class_are_skipped_for_auc_and_counted() -> None:
     # one tumour patient among six: about (5/6)^6 = 33 % of resamples draw no tumour at all
     labels = [1, 1, 0, 0, 0, 0, 0, 0]
     probabilities = [0.8, 0.7, 0.6, 0.3, 0.2, 0.4, 0.1, 0.75]
     patients = ["t", "t", "a", "b", "c", "d", "e", "e"]
-    estimates = patient_bootstrap(labels, probabilities, patients, 0.5, n_resamples=1000, seed=2)
+    estimates = patient_bootstrap(
+        labels, probabilities, patients, 0.5, n_resamples=1000, seed=2, stratify=False
+    )
     weights = patient_resample_weights(patients, n_resamples=1000, seed=2)
     without_tumour = int((weights[:, 0] == 0).sum())
     assert 200 < without_tumour < 450
@@ -241,6 +247,24 @@ def test_resamples_with_one_class_are_skipped_for_auc_and_counted() -> None:
     assert estimates["auc"].resamples_used == 1000 - without_tumour
     assert estimates["sensitivity"].resamples_skipped == without_tumour
     assert estimates["specificity"].resamples_skipped == 0
+
+
+def test_stratified_bootstrap_keeps_each_class_of_patients_in_every_resample() -> None:
+    labels = [1, 1, 0, 0, 0, 0, 0, 0]
+    probabilities = [0.8, 0.7, 0.6, 0.3, 0.2, 0.4, 0.1, 0.75]
+    patients = ["t", "t", "a", "b", "c", "d", "e", "e"]
+    weights = patient_resample_weights(patients, n_resamples=1000, seed=2, labels=labels)
+    # the one tumour patient is drawn exactly once every time; the five normal patients five times in all
+    np.testing.assert_array_equal(weights[:, 0], 1)
+    np.testing.assert_array_equal(weights[:, [2, 3, 4, 5, 6]].sum(axis=1), 5)
+    estimates = patient_bootstrap(labels, probabilities, patients, 0.5, n_resamples=1000, seed=2)
+    assert estimates["auc"].resamples_skipped == 0
+    assert estimates["auc"].resamples_used == 1000
+    assert estimates["auc"].method == "patient bootstrap (stratified)"
+    # a positive patient with a normal slide still counts as positive: strata are patients, not slides
+    mixed = patient_resample_weights(["p", "p", "q", "r"], n_resamples=200, seed=0, labels=[1, 0, 0, 0])
+    np.testing.assert_array_equal(mixed[:, 0], 1)
+    np.testing.assert_array_equal(mixed[:, 0], mixed[:, 1])
 
 
 def test_two_thousand_resamples_of_thirty_slides_take_well_under_a_second() -> None:
@@ -252,6 +276,94 @@ def test_two_thousand_resamples_of_thirty_slides_take_well_under_a_second() -> N
     elapsed = time.perf_counter() - started
     assert estimates["auc"].resamples_used + estimates["auc"].resamples_skipped == 2000
     assert elapsed < 0.5, f"{elapsed:.3f} s"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analytic intervals: clustered DeLong, the exact bound on a perfect split, Wilson
+
+
+def test_delong_variance_matches_the_pairwise_definition_with_one_slide_per_patient() -> None:
+    rng = np.random.default_rng(21)
+    labels = np.r_[np.ones(9, dtype=int), np.zeros(13, dtype=int)]
+    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # rounding makes ties
+    auc, variance = delong_auc_variance(labels, scores, [f"p{i}" for i in range(len(labels))])
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    psi = (positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+    expected = v10.var(ddof=1) / len(positive) + v01.var(ddof=1) / len(negative)
+    assert auc == pytest.approx(roc_auc(labels, scores), abs=1e-12)
+    assert variance == pytest.approx(expected, rel=1e-10)
+
+
+def test_delong_counts_a_patient_once_however_many_copies_of_a_slide() -> None:
+    rng = np.random.default_rng(22)
+    labels = np.r_[np.ones(10, dtype=int), np.zeros(12, dtype=int)]
+    scores = rng.normal(labels * 1.0, 1.0)
+    _, single = delong_auc_variance(labels, scores, [f"p{i}" for i in range(22)])
+    copies = np.repeat([f"p{i}" for i in range(22)], 5)
+    _, clustered = delong_auc_variance(np.repeat(labels, 5), np.repeat(scores, 5), copies)
+    _, naive = delong_auc_variance(np.repeat(labels, 5), np.repeat(scores, 5), [str(i) for i in range(110)])
+    assert clustered == pytest.approx(single, rel=1e-10)
+    assert naive < 0.3 * clustered  # slides taken as independent would claim five times the evidence
+
+
+def test_delong_interval_covers_the_true_auc_about_as_often_as_it_claims() -> None:
+    # binormal scores: true AUC = Phi(shift / sqrt(2)) = 0.76 for shift 1
+    true_auc = 0.5 * (1.0 + math.erf(1.0 / 2.0))
+    rng = np.random.default_rng(23)
+    hits = 0
+    for _ in range(400):
+        labels = np.r_[np.ones(25, dtype=int), np.zeros(35, dtype=int)]
+        scores = rng.normal(labels * 1.0, 1.0)
+        _, lower, upper, method = auc_interval(labels, scores, [str(i) for i in range(60)])
+        assert method == "clustered DeLong"
+        hits += lower <= true_auc <= upper
+    assert 0.90 <= hits / 400 <= 0.99
+
+
+def test_perfect_split_gives_an_exact_bound_instead_of_a_point() -> None:
+    labels = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    scores = [0.9, 0.8, 0.85, 0.7, 0.95, 0.1, 0.2, 0.3, 0.15, 0.25, 0.05]
+    patients = ["a", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]  # 4 tumour and 6 normal patients
+    auc, lower, upper, method = auc_interval(labels, scores, patients)
+    assert (auc, upper, method) == (1.0, 1.0, "exact (perfect separation)")
+    assert lower == pytest.approx(0.025 ** (1 / 4))  # Clopper-Pearson lower bound of 4 of 4
+    flipped = auc_interval(labels, [1.0 - x for x in scores], patients)
+    assert flipped[:3] == (0.0, 0.0, pytest.approx(1.0 - 0.025 ** (1 / 4)))
+    result = evaluate(labels, scores, patients, 0.5, n_bootstrap=300)
+    assert result.metrics["auc"].format() == f"1.000 ({0.025**0.25:.3f}-1.000)"
+    # the bootstrap interval of the same split is the degenerate 1.000-1.000 the analytic one replaces
+    assert result.metrics["auc"].bootstrap_lower == result.metrics["auc"].bootstrap_upper == 1.0
+    sensitivity = result.metrics["sensitivity"]
+    assert sensitivity.point == 1.0 and sensitivity.upper == 1.0 and sensitivity.lower < 0.75
+    assert sensitivity.method == "Wilson (patient-effective n)"
+
+
+def test_wilson_interval_by_known_values_and_patient_clustering() -> None:
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(8, 8) == pytest.approx((0.6756, 1.0), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    # ten tumour slides from two patients carry the evidence of two slides, not ten
+    labels, scores = [1] * 10 + [0] * 4, [0.9] * 9 + [0.1] + [0.1] * 4
+    by_patient = evaluate(labels, scores, ["a"] * 5 + ["b"] * 5 + ["c", "d", "e", "f"], 0.5, n_bootstrap=0)
+    by_slide = evaluate(labels, scores, [str(i) for i in range(14)], 0.5, n_bootstrap=0)
+    assert by_slide.metrics["sensitivity"].lower == pytest.approx(wilson_interval(9, 10)[0])
+    assert by_patient.metrics["sensitivity"].lower == pytest.approx(wilson_interval(1.8, 2)[0])
+    assert by_patient.metrics["sensitivity"].lower < by_slide.metrics["sensitivity"].lower - 0.2
+    assert by_patient.to_dict()["metrics"]["sensitivity"]["method"] == "Wilson (patient-effective n)"
+
+
+def test_patient_level_takes_the_most_suspicious_slide_of_each_patient() -> None:
+    labels = [0, 1, 0, 0, 0, 1]
+    probabilities = [0.2, 0.9, 0.1, 0.6, 0.3, 0.4]
+    patients = ["b", "b", "a", "c", "c", "d"]
+    patient_labels, scores, ids = aggregate_by_patient(labels, probabilities, patients)
+    assert ids == ["a", "b", "c", "d"]
+    assert patient_labels.tolist() == [False, True, False, True]
+    assert scores.tolist() == [0.1, 0.9, 0.6, 0.4]
+    result = evaluate(patient_labels, scores, ids, 0.5, n_bootstrap=0)
+    assert result.n_slides == 4 and (result.confusion.tp, result.confusion.fp) == (1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

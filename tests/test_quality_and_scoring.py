@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from wsitk.services.mil_scorer.scorer import subsample
 from wsitk.services.quality_filter.handler import assess
 from wsitk.shared.contracts import pb
+from wsitk.shared.models.tile_rule import tiles_to_score
 from wsitk.shared.slides.synth import render_patch
 
 PROFILE = pb.PipelineProfile(qc_min_tissue_fraction=0.5)
@@ -27,14 +27,15 @@ def test_sharp_tissue_passes_blurred_tissue_and_background_do_not() -> None:
 
 
 def test_tile_cap_keeps_everything_below_it_and_a_stable_sample_above() -> None:
-    assert subsample(10, 20, "slide").tolist() == list(range(10))
-    first, again, other = (
-        subsample(1000, 100, "slide-a"),
-        subsample(1000, 100, "slide-a"),
-        subsample(1000, 100, "slide-b"),
-    )
+    grid = np.stack(np.meshgrid(np.arange(40) * 224, np.arange(25) * 224, indexing="ij"), -1).reshape(-1, 2)
+    assert tiles_to_score(grid[:10], 20).tolist() == list(range(10))
+    first, again = tiles_to_score(grid, 100), tiles_to_score(grid, 100)
     assert len(first) == 100 and len(set(first.tolist())) == 100
-    assert first.tolist() == again.tolist() and first.tolist() != other.tolist()
+    assert first.tolist() == again.tolist()
+    # chosen by coordinates, not by position: shards arriving in another order keep the same tiles
+    order = np.random.default_rng(0).permutation(len(grid))
+    shuffled = tiles_to_score(grid[order], 100)
+    assert {tuple(xy) for xy in grid[order][shuffled]} == {tuple(xy) for xy in grid[first]}
 
 
 def _mucin(base_od: tuple[float, float, float], wisps: float, size: int = 224) -> np.ndarray:

@@ -6,15 +6,15 @@ there, and arrival order, duplicates and a slide tiled twice do not matter. A sl
 its plan and one embedding per planned shard are present; the prediction id is deterministic
 (slide + tiling run + model version), so re-scoring after a redelivery produces the same id.
 
-The number of tiles held per slide is capped (``WSI_MAX_TILES_PER_SLIDE``); beyond the cap the
-tiles are sub-sampled uniformly at random with a seed derived from the slide id, so the same slide
-always keeps the same tiles.
+The number of tiles scored per slide is capped (``WSI_MAX_TILES_PER_SLIDE``); beyond the cap the
+tiles kept are chosen by the one rule ``wsitk.shared.models.tile_rule.tiles_to_score`` (lowest hash of
+the tile coordinates: deterministic, independent of shard order), which ``wsi evaluate`` applies too and
+reports what it drops.
 """
 
 from __future__ import annotations
 
 import io
-import zlib
 
 import numpy as np
 from wsitk.shared.bus.kafka import Outgoing
@@ -25,19 +25,12 @@ from wsitk.shared.keys import attention_key, explanations_prefix, object_ref, sh
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import MODEL_INFO
 from wsitk.shared.models.registry import profile_mismatch
+from wsitk.shared.models.tile_rule import tiles_to_score
 from wsitk.shared.topics import PREDICTIONS, SLIDES_FAILED
 
 SERVICE = "mil-scorer"
 TOP_K = 8
 log = get_logger()
-
-
-def subsample(count: int, cap: int, slide_id: str) -> np.ndarray:
-    """Indices of the tiles kept: all of them up to ``cap``, else a seeded uniform sample, sorted."""
-    if count <= cap:
-        return np.arange(count)
-    rng = np.random.default_rng(zlib.crc32(slide_id.encode()))
-    return np.sort(rng.choice(count, size=cap, replace=False))
 
 
 class MilScorer:
@@ -142,8 +135,9 @@ class MilScorer:
                     "see the QC summary of this slide",
                 )
             ]
-        keep = subsample(len(features), self.ctx.settings.max_tiles_per_slide, slide_id)
+        keep = tiles_to_score(coords, self.ctx.settings.max_tiles_per_slide)
         probability, attention = model.score(features[keep])
+        ood = model.ood.assess(features[keep]) if getattr(model, "ood", None) is not None else None
         coords = coords[keep]
         top = np.argsort(-attention)[:TOP_K]
         buffer = io.BytesIO()
@@ -176,6 +170,10 @@ class MilScorer:
             scores={"tumour": probability, "normal": 1.0 - probability},
             tiles_scored=len(keep),
             tiles_total=len(features),
+            ood_score=ood.score if ood else 0.0,
+            ood_percentile=ood.percentile if ood else 0.0,
+            ood_limit=ood.limit if ood else 0.0,
+            out_of_distribution=bool(ood and ood.out_of_distribution),
             top_tiles=[
                 pb.AttentionTile(
                     x=int(coords[i][0]),
@@ -199,7 +197,14 @@ class MilScorer:
         if mosaic is not None:
             prediction.top_tiles_image.CopyFrom(mosaic)
         log.info(
-            "slide scored", slide_id=slide_id, label=label, probability=round(probability, 4), tiles=len(keep)
+            "slide scored",
+            slide_id=slide_id,
+            label=label,
+            probability=round(probability, 4),
+            tiles=len(keep),
+            tiles_total=len(features),
+            out_of_distribution=prediction.out_of_distribution,
+            ood_score=round(prediction.ood_score, 3),
         )
         return [Outgoing(PREDICTIONS, slide_id, prediction)]
 

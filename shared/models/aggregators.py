@@ -212,7 +212,12 @@ class MilEnsemble(nn.Module):
     ``feature_scale`` (the members' average) only serve to build realistic check inputs there.
     """
 
-    def __init__(self, members: Sequence[MilAggregator]) -> None:
+    calibration_scale: torch.Tensor
+    calibration_shift: torch.Tensor
+
+    def __init__(
+        self, members: Sequence[MilAggregator], calibration: Sequence[tuple[float, float]] | None = None
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member model")
@@ -227,6 +232,16 @@ class MilEnsemble(nn.Module):
             )
         self.members = nn.ModuleList(members)
         self.in_dim = members[0].in_dim
+        # Platt calibration per member, P = sigmoid(scale * logit + shift), fitted on the member's own
+        # validation data (``training.fit_platt``); identity when not given. The mean of calibrated members
+        # is a probability of the same kind as each calibrated member's out-of-fold probability, on which
+        # the ensemble's threshold is chosen.
+        pairs = [(1.0, 0.0)] * len(members) if calibration is None else list(calibration)
+        if len(pairs) != len(members):
+            raise ValueError(f"{len(pairs)} calibration pairs for {len(members)} ensemble members")
+        self.calibrated = calibration is not None
+        self.register_buffer("calibration_scale", torch.tensor([float(a) for a, _ in pairs]))
+        self.register_buffer("calibration_shift", torch.tensor([float(b) for _, b in pairs]))
 
     def _member_list(self) -> list[MilAggregator]:
         return [member for member in self.members if isinstance(member, MilAggregator)]
@@ -243,6 +258,7 @@ class MilEnsemble(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = [member(features) for member in self.members]
         logits = torch.stack([logit for logit, _ in outputs])  # [members]
+        logits = logits * self.calibration_scale + self.calibration_shift
         attention = torch.stack([attention for _, attention in outputs]).mean(dim=0)  # [N]
         # logit(mean p) = log(sum sigmoid(l)) - log(sum sigmoid(-l)); log sigmoid(x) = -softplus(-x)
         log_tumour = torch.logsumexp(-functional.softplus(-logits), dim=0)
@@ -254,4 +270,14 @@ class MilEnsemble(nn.Module):
             "name": "ensemble",
             "members": [member.architecture() for member in self._member_list()],
             "combine": "mean-probability",
-        }
+        } | (
+            {
+                "combine": "mean-calibrated-probability",
+                "calibration": [
+                    [float(a), float(b)]
+                    for a, b in zip(self.calibration_scale, self.calibration_shift, strict=True)
+                ],
+            }
+            if self.calibrated
+            else {}
+        )

@@ -13,7 +13,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from wsitk.shared.contracts import pb
@@ -154,3 +154,31 @@ def _load_run(
         np.savez(partial, features=bag.features, coords=bag.coords)
         partial.replace(cached)
     return bag
+
+
+class BagFiles(Sequence[np.ndarray]):
+    """Bags on disk, one ``.npy`` file per slide (``[N, D]``, float16 as stored), read when indexed.
+
+    ``train_mil`` visits bags one at a time (the input normalisation streams over them; a training step
+    reads one bag and samples its tiles; validation scores one bag at a time), so training on a cohort
+    of these holds one bag at a time instead of the cohort: memory is bounded by the largest bag. Each
+    access memory-maps the file read-only and the mapping goes when the array does, so a sampled step
+    reads only the sampled rows.
+    """
+
+    def __init__(self, paths: Sequence[Path | str]) -> None:
+        self.paths = [Path(path) for path in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> BagFiles: ...
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | BagFiles:
+        if isinstance(index, slice):
+            return BagFiles(self.paths[index])
+        return np.load(self.paths[index], mmap_mode="r")

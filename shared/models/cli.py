@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
     from wsitk.shared.models.explain import SlideAttention
     from wsitk.shared.objectstore import ObjectStore
+
+#: A whole slide id (the first 32 hex digits of the file's SHA-256); anything else is looked up.
+_FULL_SLIDE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def add_export_backbone_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +149,8 @@ EXPORT_FORMATS = {
     "geojson": "attention per tile as QuPath objects (SLIDE_ID.geojson)",
     "heatmap": "attention heatmap image (SLIDE_ID.heatmap.png)",
     "mosaic": "the highest-attention tiles in a grid (SLIDE_ID.top-tiles.png)",
+    "fhir": "the FHIR R4 Bundle of the prediction (SLIDE_ID.fhir-bundle.json; docs/interoperability.md)",
+    "dicom": "the DICOM Structured Report and attention parametric map (SLIDE_ID.report-sr.dcm, .attention-pm.dcm)",
 }
 
 
@@ -154,7 +160,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(EXPORT_FORMATS),
         help="; ".join(f"{name}: {what}" for name, what in EXPORT_FORMATS.items()),
     )
-    parser.add_argument("slides", nargs="+", help="slide ids")
+    parser.add_argument(
+        "slides", nargs="+", help="slide ids as `wsi status` lists them, upload keys or file names"
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for the files, one per slide")
     parser.add_argument("--tiling-run", default="", help="when a slide was tiled more than once")
     parser.add_argument(
@@ -209,17 +217,16 @@ def cli_export(args: argparse.Namespace) -> int:
         "geojson": _export_geojson,
         "heatmap": _export_heatmap,
         "mosaic": _export_mosaic,
+        "fhir": _export_interop,
+        "dicom": _export_interop,
     }
     failed = 0
     for reference in args.slides:
         try:
-            try:
-                summary = exporter[args.format](store, settings.artifacts_bucket, reference, args)
-            except (LookupError, ValueError, PermanentError):
-                slide_id = _full_slide_id(settings, reference)  # a short id, upload key or file name?
-                if slide_id is None or slide_id == reference:
-                    raise
-                summary = exporter[args.format](store, settings.artifacts_bucket, slide_id, args)
+            slide_id = reference  # a full id needs no database; a short id, key or file name is looked up
+            if not _FULL_SLIDE_ID.fullmatch(reference):
+                slide_id = _full_slide_id(settings, reference) or reference
+            summary = exporter[args.format](store, settings.artifacts_bucket, slide_id, args)
         except (LookupError, ValueError, PermanentError) as exc:
             print(f"wsi export {args.format}: slide {reference}: {exc}", file=sys.stderr)
             failed += 1
@@ -249,6 +256,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     partial.replace(path)
+
+
+def _export_interop(
+    store: ObjectStore, bucket: str, slide_id: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    from wsitk.shared.interop.export import export_results
+
+    run, model = args.tiling_run, args.model
+    return export_results(
+        store, bucket, slide_id, args.out, args.format, tiling_run_id=run, model_version=model
+    )
 
 
 def _export_h5(store: ObjectStore, bucket: str, slide_id: str, args: argparse.Namespace) -> dict[str, Any]:

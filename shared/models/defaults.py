@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 BACKBONE_FILE = "backbone-small-cnn.onnx"
 MIL_FILE = "mil-default.onnx"
 MANIFEST_FILE = "models.json"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the MIL model carries its out-of-distribution summary (ood.py)
 TILE_KINDS = ("normal", "tumour", "background")
 
 RenderPatch = Callable[[str, int, float, np.random.Generator], np.ndarray]  # synth.render_patch
@@ -256,6 +256,10 @@ def init_default_models(
     val_balanced_accuracy = float(
         (val_predicted[val_truth].mean() + (~val_predicted[~val_truth]).mean()) / 2.0
     )
+    from wsitk.shared.models.ood import fit_reference
+
+    # the summary of the training tiles, calibrated on the validation bags (tiles rendered apart)
+    ood = fit_reference(embedded["train"].values(), val_bags)
     model_version = f"gamil-synthetic-v1-{state_dict_sha256(trained.model)[:8]}"
     training = {
         "tile_source": tile_source,
@@ -281,7 +285,11 @@ def init_default_models(
         model_version=model_version,
         backbone_id=backbone.backbone_id,
         threshold=threshold,
-        extra_meta={"training": training, "data": "synthetic tiles only; not validated on real slides"},
+        extra_meta={
+            "training": training,
+            "data": "synthetic tiles only; not validated on real slides",
+            "ood": ood.to_dict(),
+        },
         seed=seed,
     )
     training["seconds"] = round(time.perf_counter() - started, 1)

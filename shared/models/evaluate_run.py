@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from wsitk.shared.models.labels import LabelsError
-from wsitk.shared.models.training import RunPaths, load_fold_models, read_run, run_rows
+from wsitk.shared.models.tile_rule import DEFAULT_MAX_TILES, dropped_tiles, tiles_to_score
+from wsitk.shared.models.tile_rule import RULE as TILE_RULE
+from wsitk.shared.models.training import (
+    ENSEMBLE_THRESHOLD_RULE,
+    RunPaths,
+    load_fold_models,
+    read_run,
+    run_rows,
+)
 
 if TYPE_CHECKING:
     from wsitk.shared.models.bags import Bag
@@ -48,12 +56,14 @@ def evaluate_run(
     seed: int = 0,
     progress: Callable[[str], object] = print,
     command: str = "",
+    max_tiles_per_slide: int = DEFAULT_MAX_TILES,
 ) -> dict[str, Any]:
     from wsitk.shared.models.evaluation import (
         CohortSummary,
         Protocol,
         ReportInput,
         SplitSummary,
+        aggregate_by_patient,
         evaluate,
         plot_calibration,
         plot_roc,
@@ -88,7 +98,12 @@ def evaluate_run(
             f"test slides {odd[:5]} were tiled with another profile than the training slides ({expected}); "
             "re-process them under the training profile"
         )
-    features = [bags[r.slide_id].float32() for r in test_rows]
+    # the mil-scorer's rule: every model here sees exactly the tiles production would score
+    kept = [tiles_to_score(bags[r.slide_id].coords, max_tiles_per_slide) for r in test_rows]
+    features = [bags[r.slide_id].float32()[keep] for r, keep in zip(test_rows, kept, strict=True)]
+    tile_counts = [len(bags[r.slide_id].features) for r in test_rows]
+    dropped = dropped_tiles(tile_counts, max_tiles_per_slide)
+    progress(f"[evaluate] scoring rule: {dropped.describe()}")
     labels = np.array([r.label for r in test_rows])
     patients = [r.patient for r in test_rows]
     config = run["config"]
@@ -101,19 +116,22 @@ def evaluate_run(
         evaluations.append(
             evaluate(labels, probs, patients, thresholds[name], n_bootstrap=n_bootstrap, seed=seed, name=name)
         )
+    headline = {n: (labels, predictions[n]) for n in predictions if " fold " not in n}
+    patient_evaluations = [
+        evaluate(
+            *aggregate_by_patient(labels, predictions[name], patients),
+            thresholds[name],
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            name=name,
+        )
+        for name in headline
+    ]
     out = paths.evaluation
     out.mkdir(parents=True, exist_ok=True)
-    headline = {n: (labels, predictions[n]) for n in predictions if " fold " not in n}
     plot_roc(headline, out / "roc.png", operating_points={n: thresholds[n] for n in headline})
     plot_calibration(headline, out / "calibration.png")
-    with (out / "test_predictions.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["slide", "slide_id", "patient", "site", "label", *predictions])
-        for i, row in enumerate(test_rows):
-            writer.writerow(
-                [row.slide, row.slide_id, row.patient, row.site, row.label]
-                + [f"{predictions[n][i]:.6f}" for n in predictions]
-            )
+    _write_predictions(out / "test_predictions.csv", test_rows, tile_counts, kept, predictions)
     summary = run["split_summary"]
     dev = [v for k, v in summary.items() if k != "test"]
     cohort = CohortSummary(
@@ -146,6 +164,10 @@ def evaluate_run(
         early_stopping_patience=int(config["patience"]),
         max_tiles_per_bag=int(config["max_tiles_per_bag"]),
         class_weighting=bool(config["class_weighting"]),
+        threshold_rule=(
+            "fold models: best balanced accuracy on the selection half of their validation fold; "
+            f"ensembles and the baseline: {ENSEMBLE_THRESHOLD_RULE}"
+        ),
     )
     checks = "; ".join(f"{a}: {d:.1e}" for a, d in export_checks.items())
     report = render_report(
@@ -161,6 +183,9 @@ def evaluate_run(
                 "ROC curves (held-out test set)": "roc.png",
                 "Calibration (held-out test set)": "calibration.png",
             },
+            patient_evaluations=patient_evaluations,
+            scoring=f"Tiles scored per slide: {TILE_RULE} (cap {max_tiles_per_slide:,}, as the mil-scorer); "
+            f"{dropped.describe()}.",
             limitations=LIMITATIONS
             + f" Ensembles were scored through their exported ONNX files; largest ONNX-vs-torch probability "
             f"difference on the test bags: {checks}.",
@@ -173,7 +198,9 @@ def evaluate_run(
         "n_bootstrap": n_bootstrap,
         "seed": seed,
         "onnx_vs_torch_max_abs_diff": export_checks,
+        "scoring_rule": {"rule": TILE_RULE, **dropped.to_dict()},
         "models": {e.name: e.to_dict() for e in evaluations},
+        "patient_level": {e.name: e.to_dict() for e in patient_evaluations},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for evaluation in evaluations:
@@ -184,6 +211,25 @@ def evaluate_run(
         progress(f"[evaluate] {evaluation.name:32s} AUC {auc.format()}  balanced accuracy {bacc.format()}")
     progress(f"[evaluate] report: {out / 'report.md'}")
     return metrics
+
+
+def _write_predictions(
+    path: Path,
+    test_rows: Sequence[Any],
+    tile_counts: Sequence[int],
+    kept: Sequence[np.ndarray],
+    predictions: Mapping[str, np.ndarray],
+) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["slide", "slide_id", "patient", "site", "label", "tiles", "tiles_scored", *predictions]
+        )
+        for i, row in enumerate(test_rows):
+            writer.writerow(
+                [row.slide, row.slide_id, row.patient, row.site, row.label, tile_counts[i], len(kept[i])]
+                + [f"{predictions[n][i]:.6f}" for n in predictions]
+            )
 
 
 def _score_models(
@@ -205,7 +251,8 @@ def _score_models(
         onnx = MilRunner(paths.root / model["onnx"])
         onnx_probs = np.array([onnx.score(f)[0] for f in features])
         members = load_fold_models(paths, architecture, folds, in_dim)
-        torch_probs = predict_bags(MilEnsemble(members).eval(), features)
+        calibration = [tuple(fold.get("calibration", (1.0, 0.0))) for fold in model["folds"]]
+        torch_probs = predict_bags(MilEnsemble(members, calibration=calibration).eval(), features)
         export_checks[architecture] = float(np.max(np.abs(onnx_probs - torch_probs)))
         name = f"{architecture} ensemble"
         predictions[name], thresholds[name] = onnx_probs, float(model["ensemble_threshold"])
@@ -224,8 +271,14 @@ def _score_models(
                 )
             )
     baseline = json.loads(paths.baseline_json().read_text())
-    members_lr = [LogisticBaseline.from_dict(f["model"]) for f in baseline["folds"]]
-    predictions[BASELINE] = np.mean([m.predict(features) for m in members_lr], axis=0)
+    calibrated = []
+    for fold in baseline["folds"]:
+        member = LogisticBaseline.from_dict(fold["model"])
+        scale, shift = fold.get("calibration", (1.0, 0.0))
+        logits = scale * member.decision_function(features) + shift
+        calibrated.append(0.5 * (1.0 + np.tanh(0.5 * logits)))
+    # the mean of the calibrated fold models, the kind of score its threshold was chosen on
+    predictions[BASELINE] = np.mean(calibrated, axis=0)
     thresholds[BASELINE] = float(baseline["ensemble_threshold"])
     for fold in baseline["folds"]:
         fold_table.append(
@@ -271,6 +324,7 @@ def cli_evaluate(args: argparse.Namespace) -> int:
             bag_loader=loader,
             n_bootstrap=args.bootstrap,
             seed=args.seed,
+            max_tiles_per_slide=settings.max_tiles_per_slide,
             command="wsi evaluate " + " ".join(sys.argv[2:]),
         )
     except LabelsError as error:

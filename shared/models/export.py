@@ -249,7 +249,7 @@ class _Uint8Interface(nn.Module):
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         normalised = tiles.permute(0, 3, 1, 2).float() * self.scale - self.offset
-        return self.inner(normalised)  # type: ignore[no-any-return]
+        return self.inner(normalised)
 
 
 def _validation_tiles(input_size: int, target_mpp: float, seed: int) -> np.ndarray:

@@ -4,10 +4,24 @@ One file per slide, as CLAM's ``extract_features_fp.py`` and TRIDENT write them:
 
 - dataset ``features``: float32 ``[N, D]`` (stored as float16 in the object store, widened here);
 - dataset ``coords``: int64 ``[N, 2]``, level-0 top-left (x, y) of each tile, row i matching feature i;
-  attributes as CLAM's patching and TRIDENT write them on ``coords``: ``patch_size`` (pixels at the
-  target resolution), ``patch_level`` (0: coordinates are level-0), ``patch_size_level0``,
-  ``target_mpp``, ``mpp`` (the patches' true um/px: within the tiler's tolerance of ``target_mpp``, e.g.
-  0.499 on a 0.499 um/px scan cut without resampling), ``name`` (the slide id);
+  attributes on ``coords`` with the meanings the two loaders give them (``coords_attributes``):
+
+  - CLAM (``Whole_Slide_Bag_FP``) reads ``patch_level`` and ``patch_size`` and calls OpenSlide's
+    ``read_region(coord, patch_level, (patch_size, patch_size))``, then resizes to its model's input. So
+    ``patch_size`` is in pixels *of level ``patch_level``* and ``patch_size`` times that level's downsample
+    must be the tile's level-0 side. When the tiler cut the tiles at a stored level without resampling
+    (the tiling manifest says which), that level and the target tile size (224) are written; otherwise
+    (e.g. 20x tiles from a 40x Aperio scan, whose stored levels are 1x, 4x, 16x) level 0 and the level-0
+    side (448), which CLAM reads and scales down, the field of view it would get from its own patching.
+  - TRIDENT reads ``patch_size_level0`` (the tile side in level-0 pixels, what its slide encoders use),
+    ``level0_magnification`` and ``target_magnification`` (magnification as ``10 / mpp``, TRIDENT's
+    convention: 0.25 um/px is 40x) and ``patch_size`` in the target frame, ``patch_size_level0 =
+    patch_size * level0_magnification // target_magnification``. The two meanings of ``patch_size``
+    coincide whenever the tiles were cut at a stored level; after resampling CLAM's wins (it is the one
+    that reads pixels with it) and ``patch_size_target`` keeps the target-frame side.
+  - ours: ``target_mpp``, ``mpp`` (the patches' true um/px: within the tiler's tolerance of
+    ``target_mpp``, e.g. 0.499 on a 0.499 um/px scan cut without resampling), ``level0_mpp``, ``overlap``
+    (0), ``name`` (the slide id);
 - file attributes saying what produced it: ``slide_id``, ``tiling_run_id``, ``backbone_id``, ``shards``.
 
 The embeddings are read from the artifacts bucket by slide id
@@ -19,11 +33,13 @@ Needs ``h5py`` (imported here only).
 from __future__ import annotations
 
 import io
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from wsitk.shared.keys import tiling_manifest_key
 from wsitk.shared.objectstore import ObjectStore
 
 
@@ -36,6 +52,37 @@ class FeatureExport:
     tiles: int
     dim: int
     shards: int
+
+
+def coords_attributes(
+    *,
+    tile_size: int,
+    tile_size_level0: float,
+    target_mpp: float,
+    tile_mpp: float,
+    read_level: int | None = None,
+    resampled: bool = True,
+) -> dict[str, int | float]:
+    """The ``coords`` attributes CLAM's and TRIDENT's loaders read (see the module docstring).
+
+    ``read_level`` / ``resampled`` come from the tiling manifest; without them (older runs) the tiles are
+    described at level 0, which CLAM reads correctly on any slide.
+    """
+    side0 = round(tile_size_level0)
+    level0_mpp = tile_size * tile_mpp / tile_size_level0 if tile_size_level0 else 0.0
+    at_stored_level = read_level is not None and not resampled
+    return {
+        "patch_level": int(read_level) if at_stored_level and read_level is not None else 0,
+        "patch_size": int(tile_size) if at_stored_level else side0,
+        "patch_size_level0": side0,
+        "patch_size_target": int(tile_size),
+        "level0_magnification": round(10.0 / level0_mpp) if level0_mpp else -1,
+        "target_magnification": round(10.0 / target_mpp) if target_mpp else -1,
+        "level0_mpp": float(level0_mpp),
+        "target_mpp": float(target_mpp),
+        "mpp": float(tile_mpp or target_mpp),
+        "overlap": 0,
+    }
 
 
 def embedding_sets(store: ObjectStore, bucket: str, slide_id: str) -> dict[tuple[str, str], list[str]]:
@@ -89,17 +136,23 @@ def export_slide_h5(
                 if name in data.files and name not in geometry:
                     geometry[name] = float(data[name])
     all_features = np.concatenate(features)
+    manifest_key = tiling_manifest_key(slide_id, run_id)
+    manifest = json.loads(store.get_bytes(bucket, manifest_key)) if store.stat(bucket, manifest_key) else {}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
     with h5py.File(partial, "w") as handle:
         handle.create_dataset("features", data=all_features)
         coords_set = handle.create_dataset("coords", data=np.concatenate(coords))
-        coords_set.attrs["patch_size"] = int(geometry.get("tile_size", 0))
-        coords_set.attrs["patch_level"] = 0
-        coords_set.attrs["patch_size_level0"] = round(geometry.get("tile_size_level0", 0.0))
-        coords_set.attrs["target_mpp"] = float(geometry.get("mpp", 0.0))
-        coords_set.attrs["mpp"] = float(geometry.get("tile_mpp", geometry.get("mpp", 0.0)))
+        for name, value in coords_attributes(
+            tile_size=int(geometry.get("tile_size", 0)),
+            tile_size_level0=geometry.get("tile_size_level0", 0.0),
+            target_mpp=geometry.get("mpp", 0.0),
+            tile_mpp=geometry.get("tile_mpp", geometry.get("mpp", 0.0)),
+            read_level=manifest.get("level"),
+            resampled=bool(manifest.get("resampled", True)),
+        ).items():
+            coords_set.attrs[name] = value
         coords_set.attrs["name"] = slide_id
         handle.attrs["slide_id"] = slide_id
         handle.attrs["tiling_run_id"] = run_id

@@ -195,7 +195,9 @@ def _arch_name(architecture: dict[str, Any]) -> str:
 def add_rescore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="model version (default: the active one)")
     chosen = parser.add_mutually_exclusive_group(required=True)
-    chosen.add_argument("--slides", nargs="+", help="slide ids")
+    chosen.add_argument(
+        "--slides", nargs="+", help="slide ids (as `wsi status` lists them), upload keys or file names"
+    )
     chosen.add_argument("--all", action="store_true", help="every slide the scorer has scored")
     parser.add_argument("--dry-run", action="store_true", help="score and print, publish nothing")
 
@@ -258,8 +260,10 @@ def cli_rescore(args: argparse.Namespace) -> int:
     from wsitk.shared.bus.kafka import make_producer, produce_all
     from wsitk.shared.config import load_settings
     from wsitk.shared.context import ServiceContext
+    from wsitk.shared.ops import resolve_slide_ids
 
     settings = load_settings()
+    slide_ids = None if args.all else resolve_slide_ids(settings, list(args.slides))
     ctx = ServiceContext(settings, "rescore")
 
     async def run() -> list[dict[str, Any]]:
@@ -275,17 +279,13 @@ def cli_rescore(args: argparse.Namespace) -> int:
                 rescore,
                 ctx,
                 args.model,
-                None if args.all else list(args.slides),
+                slide_ids,
                 publish=None if args.dry_run else publish,
             )
         finally:
             await producer.stop()
 
-    try:
-        results = asyncio.run(run())
-    except Exception as error:  # a readable line, not a traceback, for unknown versions and the like
-        print(f"wsi rescore: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+    results = asyncio.run(run())  # an unknown version (RegistryError) and the like: wsi's one-line error
     for result in results:
         print(json.dumps(result))
     predicted = sum(r["outcome"] == "predicted" for r in results)

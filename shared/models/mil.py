@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +68,30 @@ class MilAggregator(nn.Module, abc.ABC):
         scale = 1.0 / np.maximum(std, 1e-6)
         self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.feature_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+
+    def fit_feature_normalisation_streamed(self, bags: Iterable[np.ndarray]) -> int:
+        """The same standardisation from bags visited one at a time (float64 sums shifted by the first
+        bag's mean, so no cancellation), never holding more than one bag in float64: memory is bounded by
+        the largest bag, not by the cohort. Returns the number of tiles."""
+        shift: np.ndarray | None = None
+        total = squares = None
+        count = 0
+        for bag in bags:
+            tiles = np.asarray(bag, dtype=np.float64)
+            if shift is None:
+                shift = tiles.mean(axis=0)
+                total, squares = np.zeros_like(shift), np.zeros_like(shift)
+            centred = tiles - shift
+            total += centred.sum(axis=0)
+            squares += (centred * centred).sum(axis=0)
+            count += len(tiles)
+        if shift is None or total is None or squares is None or count == 0:
+            raise ValueError("no training tiles to standardise the input with")
+        offset = total / count
+        std = np.sqrt(np.maximum(squares / count - offset * offset, 0.0))
+        self.feature_mean.copy_(torch.as_tensor(shift + offset, dtype=torch.float32))
+        self.feature_scale.copy_(torch.as_tensor(1.0 / np.maximum(std, 1e-6), dtype=torch.float32))
+        return count
 
     def standardise(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.feature_mean) * self.feature_scale
@@ -230,12 +254,13 @@ def _check_bags(bags: Sequence[np.ndarray], labels: Sequence[int], what: str) ->
         raise ValueError(f"{what}: {len(bags)} bags but {len(labels)} labels")
     if not bags:
         raise ValueError(f"{what}: no bags given")
-    dims = {np.asarray(b).shape[1] if np.asarray(b).ndim == 2 else -1 for b in bags}
+    shapes = [np.shape(b) for b in bags]  # a shape, not the data: lazily loaded bags stay on disk
+    dims = {shape[1] if len(shape) == 2 else -1 for shape in shapes}
     if len(dims) != 1 or -1 in dims:
         raise ValueError(
             f"{what}: every bag must be a 2-D array [tiles, D] with the same D; got D values {dims}"
         )
-    if any(len(b) == 0 for b in bags):
+    if any(shape[0] == 0 for shape in shapes):
         raise ValueError(f"{what}: empty bag (a slide without tiles cannot be used for training)")
     if {int(label) for label in labels} - {0, 1}:
         raise ValueError(f"{what}: labels must be 0 (normal) or 1 (tumour)")
@@ -335,7 +360,7 @@ def train_mil(
 
     with seeded_torch(seed), single_threaded_torch():
         model = build_aggregator(architecture, in_dim, **hyper)
-        model.fit_feature_normalisation(np.concatenate([np.asarray(b) for b in bags]))
+        model.fit_feature_normalisation_streamed(bags)
         optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         progress = _Progress(best_state=copy.deepcopy(model.state_dict()))
         checkpoint: _Checkpoint | None = None
@@ -354,12 +379,9 @@ def train_mil(
             checkpoint = _Checkpoint(Path(checkpoint_path), settings)
             progress = checkpoint.resume(model, optimiser, rng) or progress
         resumed_from_epoch = progress.epoch
-        train_tensors = [torch.as_tensor(np.asarray(b, dtype=np.float32)) for b in bags]
         while progress.epoch < epochs and not progress.stopped:
             progress.epoch += 1
-            train_loss = _train_epoch(
-                model, optimiser, train_tensors, y, class_weight, rng, max_tiles_per_bag
-            )
+            train_loss = _train_epoch(model, optimiser, bags, y, class_weight, rng, max_tiles_per_bag)
             record = _record_epoch(model, progress, train_loss, validation, patience)
             if checkpoint is not None:
                 checkpoint.save(model, optimiser, rng, progress)
@@ -380,21 +402,26 @@ def train_mil(
 def _train_epoch(
     model: MilAggregator,
     optimiser: torch.optim.Optimizer,
-    bags: Sequence[torch.Tensor],
+    bags: Sequence[np.ndarray],
     labels: np.ndarray,
     class_weight: Mapping[int, float],
     rng: np.random.Generator,
     max_tiles_per_bag: int,
 ) -> float:
-    """One pass over the training bags in a random order; returns the mean training loss."""
+    """One pass over the training bags in a random order; returns the mean training loss.
+
+    A bag is fetched when its step comes (a lazily loaded bag is read from disk then), sub-sampled first
+    and only then widened to float32, so a step holds at most one bag's sampled tiles in float32.
+    """
     model.train()
     total = 0.0
     for index in rng.permutation(len(bags)):
         bag = bags[index]
         if len(bag) > max_tiles_per_bag:
-            bag = bag[torch.as_tensor(rng.choice(len(bag), max_tiles_per_bag, replace=False))]
+            bag = bag[rng.choice(len(bag), max_tiles_per_bag, replace=False)]
+        tiles = torch.as_tensor(np.asarray(bag, dtype=np.float32))
         label = int(labels[index])
-        loss = model.bag_loss(bag, float(label), class_weight[label])
+        loss = model.bag_loss(tiles, float(label), class_weight[label])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

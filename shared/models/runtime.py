@@ -32,6 +32,7 @@ import onnxruntime as ort
 import structlog
 from PIL import Image
 from wsitk.shared.cpus import usable_cpus
+from wsitk.shared.models.ood import OodReference
 
 log = structlog.get_logger(__name__)
 
@@ -420,6 +421,12 @@ class MilRunner:
         self.in_dim: int = int(self.metadata["in_dim"])
         self.threshold: float = float(self.metadata["threshold"])
         self.sha256: str = sha256_file(self.path)
+        # the summary of the training embeddings, when the model carries one (ood.py)
+        self.ood: OodReference | None = (
+            OodReference.from_dict(self.metadata["ood"])
+            if isinstance(self.metadata.get("ood"), dict)
+            else None
+        )
 
     def score(self, features: np.ndarray) -> tuple[float, np.ndarray]:
         """``(P(tumour), attention [N])`` for one bag; float16 features are accepted and widened.

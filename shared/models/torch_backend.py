@@ -102,7 +102,7 @@ class TorchBackboneRunner:
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         normalised = (tiles.permute(0, 3, 1, 2).float() * self._scale - self._offset).to(self._dtype)
-        return self.model(normalised.contiguous(memory_format=torch.channels_last))  # type: ignore[no-any-return]
+        return self.model(normalised.contiguous(memory_format=torch.channels_last))
 
     def _captured(self) -> Any:
         """The full-batch forward pass captured as a CUDA graph: one launch instead of hundreds of kernels.

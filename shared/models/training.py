@@ -6,13 +6,19 @@ The protocol, in the order it runs:
    held-out **test** set and ``k`` stratified folds (optionally site-preserving). The split is written to
    ``splits.csv`` before anything trains, and the test slides' embeddings are not even loaded here.
 2. For each aggregator (``gated-attention`` by default; ``clam-sb``, ``dsmil`` by name) and each fold:
-   train on the other folds with class-weighted loss, bag sub-sampling, a fixed seed, early stopping on the
-   fold's validation loss, a checkpoint after every epoch (an interrupted run resumes where it stopped),
-   and choose that fold model's threshold on its validation fold.
-3. The fold models form an ensemble (mean of probabilities, mean attention), exported to ONNX and checked
-   against torch. Its threshold is chosen on the out-of-fold validation predictions: every development
-   slide scored by the one fold model that did not train on it.
-4. The baseline (mean-pooled embeddings + L2 logistic regression) goes through the same folds.
+   the fold's validation patients are split in two by patient, stratified by patient label
+   (``split_validation``): a **stopping** half for early stopping and a **selection** half for the
+   threshold and the calibration, so no decision is taken on the data that chose the epoch. Train on the
+   other folds with class-weighted loss, bag sub-sampling, a fixed seed, early stopping on the stopping
+   half's loss, a checkpoint after every epoch (an interrupted run resumes where it stopped); then fit the
+   fold model's Platt calibration (``fit_platt``) and choose its threshold on the selection half.
+3. The fold models form an ensemble (mean of the members' **calibrated** probabilities, mean attention),
+   exported to ONNX and checked against torch. Its threshold is chosen on calibrated out-of-fold
+   probabilities (every selection-half slide scored by the one calibrated fold model that did not train on
+   it): probabilities of the same kind as the ensemble's output, rather than raw single-model scores
+   applied to a mean of several models.
+4. The baseline (mean-pooled embeddings + L2 logistic regression) goes through the same folds, halves,
+   calibration and threshold rule.
 
 ``wsi evaluate RUN`` then scores the held-out test set once (``evaluate_run.py``).
 """
@@ -45,7 +51,12 @@ from wsitk.shared.models.labels import (
 if TYPE_CHECKING:
     from wsitk.shared.models.bags import Bag
 
-RUN_FORMAT = 1
+OOD_TILES_PER_SLIDE = 2000  # tiles per slide in the out-of-distribution summary (a D x D update each)
+RUN_FORMAT = 2  # 2: validation folds split into stopping and selection halves; calibrated ensembles
+ENSEMBLE_THRESHOLD_RULE = (
+    "best balanced accuracy on calibrated out-of-fold validation predictions (selection halves of the "
+    "validation folds; early stopping used the other halves)"
+)
 ARCHITECTURES = ("gated-attention", "clam-sb", "dsmil")
 
 
@@ -114,6 +125,10 @@ class FoldResult:
     epochs_run: int
     stopped_early: bool
     seconds: float
+    stop_slides: int = 0
+    select_slides: int = 0
+    selection_shared: bool = False
+    calibration: tuple[float, float] = (1.0, 0.0)
 
 
 @dataclass
@@ -226,8 +241,6 @@ def train_run(
     ids (``load_bags`` against the pipeline's stores, or anything else in tests). It is only ever asked for
     development (non-test) slides.
     """
-    from wsitk.shared.models.evaluation import fit_logistic_baseline
-    from wsitk.shared.models.mil import binary_auc, choose_threshold
 
     progress = progress or Progress()
     paths = RunPaths(Path(out))
@@ -285,34 +298,77 @@ def train_run(
     _write_json(paths.run_json, record)
 
     folds = [plan.fold_rows(rows, k) for k in range(config.folds)]
+    ood = _fit_ood_reference(folds, bags, config)
+    record["ood"] = {
+        "training_tiles": ood.training_tiles,
+        "calibration_slides": len(ood.reference_scores),
+        "limit": ood.limit,
+    }
+    progress.say(
+        f"[train] out-of-distribution summary of {ood.training_tiles} training tiles, calibrated on "
+        f"{len(ood.reference_scores)} validation slides: limit {ood.limit:.2f}"
+    )
     for architecture in config.architectures:
         result = _train_architecture(architecture, folds, bags, config, paths, progress, in_dim)
-        _export_ensemble(architecture, result, config, paths, expected_profile, in_dim, record, progress)
+        _export_ensemble(
+            architecture, result, config, paths, expected_profile, in_dim, record, progress, ood.to_dict()
+        )
         record["models"][architecture] = asdict(result)
         _write_json(paths.run_json, record)
 
     progress.say("[train] baseline: mean-pooled embeddings + L2 logistic regression, same folds")
+    record["baseline"] = _train_baseline(folds, development, bags, config, paths)
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_json(paths.run_json, record)
+    progress.say(
+        f"[train] done: {paths.run_json}; evaluate on the held-out test set with `wsi evaluate {paths.root}`"
+    )
+    return record
+
+
+def _train_baseline(
+    folds: Sequence[Sequence[LabelRow]],
+    development: Sequence[LabelRow],
+    bags: Mapping[str, Bag],
+    config: TrainConfig,
+    paths: RunPaths,
+) -> dict[str, Any]:
+    """The mean-pool + logistic-regression baseline through the same folds, halves, calibration and
+    threshold rule; writes its fold models and returns the summary for ``run.json``."""
+    from wsitk.shared.models.evaluation import fit_logistic_baseline
+    from wsitk.shared.models.mil import binary_auc, choose_threshold
+
     baseline_folds = []
     oof: dict[str, float] = {}
+    oof_calibrated: dict[str, tuple[int, float]] = {}
     for k, val_rows in enumerate(folds):
         train_rows = [r for j, f in enumerate(folds) if j != k for r in f]
+        _, select_rows, shared = split_validation(val_rows, config.seed * 1000 + k)
         model = fit_logistic_baseline(
-            [bags[r.slide_id].float32() for r in train_rows],
+            [bags[r.slide_id].features for r in train_rows],
             [r.label for r in train_rows],
             l2=config.baseline_l2,
             class_weighting=config.class_weighting,
         )
-        val_probs = model.predict([bags[r.slide_id].float32() for r in val_rows])
+        val_probs = model.predict([bags[r.slide_id].features for r in val_rows])
         val_labels = [r.label for r in val_rows]
         for row, p in zip(val_rows, val_probs, strict=True):
             oof[row.slide_id] = float(p)
+        select_labels = [r.label for r in select_rows]
+        select_probs = np.array([oof[r.slide_id] for r in select_rows])
+        calibration = fit_platt(_logit(select_probs), select_labels)
+        for row, p in zip(select_rows, _calibrated(select_probs, calibration), strict=True):
+            oof_calibrated[row.slide_id] = (row.label, float(p))
         baseline_folds.append(
             {
                 "fold": k,
                 "model": model.to_dict(),
-                "threshold": choose_threshold(val_labels, val_probs),
+                "threshold": choose_threshold(select_labels, select_probs),
+                "calibration": list(calibration),
                 "val_auc": _auc_or_none(binary_auc, val_labels, val_probs),
                 "val_slides": len(val_rows),
+                "select_slides": len(select_rows),
+                "selection_shared": shared,
             }
         )
     dev_labels = [r.label for r in development]
@@ -320,19 +376,100 @@ def train_run(
     baseline = {
         "folds": baseline_folds,
         "oof_auc": _auc_or_none(binary_auc, dev_labels, dev_oof),
-        "ensemble_threshold": choose_threshold(dev_labels, dev_oof),
+        "ensemble_threshold": choose_threshold(
+            [label for label, _ in oof_calibrated.values()], [p for _, p in oof_calibrated.values()]
+        ),
+        "ensemble_threshold_from": ENSEMBLE_THRESHOLD_RULE,
         "l2": config.baseline_l2,
     }
     _write_json(paths.baseline_json(), baseline)
-    record["baseline"] = {k: v for k, v in baseline.items() if k != "folds"} | {
+    return {k: v for k, v in baseline.items() if k != "folds"} | {
         "folds": [{k: v for k, v in f.items() if k != "model"} for f in baseline_folds]
     }
-    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write_json(paths.run_json, record)
-    progress.say(
-        f"[train] done: {paths.run_json}; evaluate on the held-out test set with `wsi evaluate {paths.root}`"
+
+
+def split_validation(rows: Sequence[LabelRow], seed: int) -> tuple[list[LabelRow], list[LabelRow], bool]:
+    """``(stopping rows, selection rows, shared)``: a validation fold's patients split in two, by patient
+    and stratified by patient label (positive when any slide is), from ``seed``. Within each class the
+    shuffled patients alternate between the halves, the selection half first (it needs both classes for a
+    threshold). When the fold is too small for that (no patient left for stopping, or a selection half
+    without both slide classes), both halves are the whole fold and ``shared`` is True, which the run
+    records."""
+    by_patient: dict[str, list[LabelRow]] = {}
+    for row in rows:
+        by_patient.setdefault(row.patient, []).append(row)
+    rng = np.random.default_rng(seed)
+    stop: list[LabelRow] = []
+    select: list[LabelRow] = []
+    for label in (1, 0):
+        patients = sorted(p for p, members in by_patient.items() if max(r.label for r in members) == label)
+        for position, index in enumerate(rng.permutation(len(patients))):
+            (select if position % 2 == 0 else stop).extend(by_patient[patients[int(index)]])
+    if not stop or len({r.label for r in select}) < 2:
+        return list(rows), list(rows), True
+    return stop, select, False
+
+
+def _logit(probabilities: Any) -> np.ndarray:
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+    return np.asarray(np.log(p) - np.log1p(-p), dtype=np.float64)
+
+
+def fit_platt(
+    logits: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, *, l2: float = 1.0
+) -> tuple[float, float]:
+    """Platt scaling ``P = sigmoid(scale * logit + shift)`` fitted by Newton's method on held-out scores.
+
+    The penalty ``l2 / 2 * ((scale - 1)^2 + shift^2)`` pulls towards the identity, so a handful of cleanly
+    separated validation slides gives a finite, modest sharpening instead of an infinite scale.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if z.shape != y.shape or z.ndim != 1 or len(z) == 0:
+        raise ValueError(f"fit_platt needs one logit per label; got shapes {z.shape} and {y.shape}")
+    design = np.stack([z, np.ones_like(z)], axis=1)
+    prior = np.array([1.0, 0.0])
+    beta = prior.copy()
+    for _ in range(100):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (design @ beta)))
+        gradient = design.T @ (p - y) + l2 * (beta - prior)
+        hessian = (design.T * (p * (1.0 - p))) @ design + l2 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        beta = beta - step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(beta[0]), float(beta[1])
+
+
+def _calibrated(probabilities: Any, calibration: tuple[float, float]) -> np.ndarray:
+    scale, shift = calibration
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * (scale * _logit(probabilities) + shift))), dtype=np.float64)
+
+
+def _fit_ood_reference(
+    folds: Sequence[Sequence[LabelRow]], bags: Mapping[str, Bag], config: TrainConfig
+) -> Any:
+    """The models' out-of-distribution summary (``ood.py``): fitted on the development slides outside every
+    selection half, calibrated on the selection halves (slides the summary did not see). When every fold
+    was too small to split, on all development slides for both (the calibration is then in-sample)."""
+    from wsitk.shared.models.ood import fit_reference
+
+    calibration: list[LabelRow] = []
+    for k, val_rows in enumerate(folds):
+        _, select_rows, shared = split_validation(val_rows, config.seed * 1000 + k)
+        if not shared:
+            calibration.extend(select_rows)
+    held = {r.slide_id for r in calibration}
+    fitted = [r for fold in folds for r in fold if r.slide_id not in held]
+    if not calibration or not fitted:
+        fitted = calibration = [r for fold in folds for r in fold]
+
+    def sample(features: np.ndarray) -> np.ndarray:  # evenly spaced tiles: a bounded cost per slide
+        return features[:: max(1, len(features) // OOD_TILES_PER_SLIDE)]
+
+    return fit_reference(
+        (sample(bags[r.slide_id].features) for r in fitted), [bags[r.slide_id].features for r in calibration]
     )
-    return record
 
 
 def _tile_stats(bags: Sequence[Bag]) -> dict[str, float]:
@@ -359,12 +496,15 @@ def _train_architecture(
 
     result = ArchitectureResult(architecture, hyper={})
     oof: dict[str, float] = {}
+    oof_calibrated: dict[str, tuple[int, float]] = {}
     for k, val_rows in enumerate(folds):
         fold_dir = paths.fold_dir(architecture, k)
         train_rows = [r for j, f in enumerate(folds) if j != k for r in f]
-        train_bags = [bags[r.slide_id].float32() for r in train_rows]
-        val_bags = [bags[r.slide_id].float32() for r in val_rows]
+        # float16 as stored: train_mil and predict_bags widen one bag (or its sampled tiles) at a time
+        train_bags = [bags[r.slide_id].features for r in train_rows]
+        val_bags = [bags[r.slide_id].features for r in val_rows]
         val_labels = [r.label for r in val_rows]
+        stop_rows, select_rows, shared = split_validation(val_rows, config.seed * 1000 + k)
         prefix = f"[train] {architecture} fold {k + 1}/{len(folds)}"
         done = fold_dir / "fold.json"
         started = time.monotonic()
@@ -375,7 +515,14 @@ def _train_architecture(
             model.eval()
             progress.say(f"{prefix}: already trained (resumed run)")
         else:
-            progress.say(f"{prefix}: {len(train_rows)} training slides, {len(val_rows)} validation slides")
+            progress.say(
+                f"{prefix}: {len(train_rows)} training slides, {len(val_rows)} validation slides "
+                + (
+                    "(too few patients to split: stopping and selection share them)"
+                    if shared
+                    else f"({len(stop_rows)} for early stopping, {len(select_rows)} for the threshold)"
+                )
+            )
             fold_dir.mkdir(parents=True, exist_ok=True)
             trained = train_mil(
                 train_bags,
@@ -383,8 +530,8 @@ def _train_architecture(
                 epochs=config.epochs,
                 lr=config.learning_rate,
                 seed=config.seed * 1000 + k,
-                val_bags=val_bags,
-                val_labels=val_labels,
+                val_bags=[bags[r.slide_id].features for r in stop_rows],
+                val_labels=[r.label for r in stop_rows],
                 max_tiles_per_bag=config.max_tiles_per_bag,
                 weight_decay=config.weight_decay,
                 patience=config.patience,
@@ -405,10 +552,15 @@ def _train_architecture(
             }
             _write_json(done, fold_info)
         val_probs = predict_bags(model, val_bags)
-        threshold = choose_threshold(val_labels, val_probs)
         val_auc = _auc_or_none(binary_auc, val_labels, val_probs)
         for row, p in zip(val_rows, val_probs, strict=True):
             oof[row.slide_id] = float(p)
+        select_labels = [r.label for r in select_rows]
+        select_probs = np.array([oof[r.slide_id] for r in select_rows])
+        threshold = choose_threshold(select_labels, select_probs)
+        calibration = fit_platt(_logit(select_probs), select_labels)
+        for row, p in zip(select_rows, _calibrated(select_probs, calibration), strict=True):
+            oof_calibrated[row.slide_id] = (row.label, float(p))
         result.hyper = fold_info["hyper"]
         result.folds.append(
             FoldResult(
@@ -421,6 +573,10 @@ def _train_architecture(
                 epochs_run=int(fold_info["epochs_run"]),
                 stopped_early=bool(fold_info["stopped_early"]),
                 seconds=float(fold_info["seconds"]),
+                stop_slides=len(stop_rows),
+                select_slides=len(select_rows),
+                selection_shared=shared,
+                calibration=calibration,
             )
         )
         progress.say(
@@ -432,7 +588,9 @@ def _train_architecture(
     labels = [r.label for r in development]
     probs = [oof[r.slide_id] for r in development]
     result.oof_auc = _auc_or_none(binary_auc, labels, probs)
-    result.ensemble_threshold = choose_threshold(labels, probs)
+    result.ensemble_threshold = choose_threshold(
+        [label for label, _ in oof_calibrated.values()], [p for _, p in oof_calibrated.values()]
+    )
     return result
 
 
@@ -459,11 +617,15 @@ def _export_ensemble(
     in_dim: int,
     record: Mapping[str, Any],
     progress: Progress,
+    ood: Mapping[str, Any] | None = None,
 ) -> None:
     from wsitk.shared.models.aggregators import MilEnsemble
     from wsitk.shared.models.export import export_mil, state_dict_sha256
 
-    ensemble = MilEnsemble(load_fold_models(paths, architecture, config.folds, in_dim)).eval()
+    ensemble = MilEnsemble(
+        load_fold_models(paths, architecture, config.folds, in_dim),
+        calibration=[fold.calibration for fold in result.folds],
+    ).eval()
     version = f"{architecture}-{_run_tag(paths.root)}-{state_dict_sha256(ensemble)[:8]}"
     info = export_mil(
         ensemble,
@@ -479,9 +641,10 @@ def _export_ensemble(
                 "labels_sha256": record["labels_sha256"],
                 "folds": config.folds,
                 "seed": config.seed,
-                "threshold_from": "out-of-fold validation predictions (best balanced accuracy)",
+                "threshold_from": ENSEMBLE_THRESHOLD_RULE,
                 "oof_auc": result.oof_auc,
             },
+            **({"ood": dict(ood)} if ood else {}),
         },
         seed=config.seed,
     )

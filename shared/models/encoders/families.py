@@ -133,7 +133,7 @@ def build_encoder(name_or_spec: str | EncoderSpec, weights: Path | None, seed: i
         model = spec.make_module()
     if weights is not None:
         state = _load_vit_state(spec, weights)
-        result = model.load_state_dict(state, strict=False)  # type: ignore[arg-type]
+        result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:  # the layout check makes this unreachable
             raise CheckpointError(f"{weights}: {result}")
     set_size: Callable[[int], None] = model.set_input_size  # type: ignore[assignment]
@@ -256,7 +256,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         licence="Apache 2.0 (model page)",
         sources="model card: timm vit_giant_patch14_reg4_dinov2, img_size 224, init_values 1e-5, "
         "dynamic_img_size False; mean (0.707223, 0.578729, 0.703617), std (0.211883, 0.230117, 0.177517)",
-        **_H_OPTIMUS,  # type: ignore[arg-type]
+        **_H_OPTIMUS,
     ),
     "h-optimus-1": EncoderSpec(
         name="h-optimus-1",
@@ -264,7 +264,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         files="pytorch_model.bin (or model.safetensors) from huggingface.co/bioptimus/H-optimus-1 (gated)",
         licence="see the model page (gated; terms differ from H-optimus-0)",
         sources="model card: same timm construction and normalisation as H-optimus-0",
-        **_H_OPTIMUS,  # type: ignore[arg-type]
+        **_H_OPTIMUS,
     ),
     "prov-gigapath": EncoderSpec(
         name="prov-gigapath",

@@ -243,7 +243,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([*prefix, x + pos], dim=1)
         else:
             x = torch.cat([*prefix, x], dim=1) + pos
-        return self.norm(self.blocks(x))  # type: ignore[no-any-return]
+        return self.norm(self.blocks(x))
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         tokens = self.forward_tokens(tiles)
@@ -293,7 +293,7 @@ class AttentionalPooler(nn.Module):
         v = v.reshape(batch, count, heads, head_dim).transpose(1, 2)
         weights = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
         out = (weights @ v).transpose(1, 2).reshape(batch, queries, heads * head_dim)
-        return self.to_out(out)  # type: ignore[no-any-return]
+        return self.to_out(out)
 
 
 class ConchVisionTower(nn.Module):
@@ -311,4 +311,4 @@ class ConchVisionTower(nn.Module):
         self.trunk.set_input_size(size)
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.ln_contrast(self.attn_pool_contrast(self.trunk(tiles))[:, 0])  # type: ignore[no-any-return]
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk(tiles))[:, 0])
