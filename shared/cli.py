@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi",
         description="WSI Toolkit: whole-slide images in an S3 bucket become MIL predictions, through six services.",
+        epilog="The local state (stack endpoints, logs, models) is $WSI_HOME, else the nearest .wsi folder in "
+        "the working directory or a parent (the demo's is .wsi in the checkout), else ~/.wsi.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error (or WSI_DEBUG=1)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -86,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="slides and predictions as the recorder has them")
     status.add_argument("--limit", type=int, default=50)
-    status.add_argument("--slide", help="one slide (id or 8+ digit prefix): every run and its predictions")
+    status.add_argument(
+        "--slide", help="one slide (id as listed, 8+ digit prefix, upload key or file name): every run"
+    )
     status.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_status"))
 
     events = sub.add_parser("events", help="public events (predictions, rejections, failures) as JSON lines")
@@ -98,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     redrive = sub.add_parser("redrive", help="replay dead-lettered messages to their source topics")
     redrive.add_argument("--service", help="only letters dead-lettered by this service")
-    redrive.add_argument("--slide", help="only letters of this slide id")
+    redrive.add_argument("--slide", help="only letters of this slide (id as `wsi status` lists it, or key)")
     redrive.add_argument("--dry-run", action="store_true")
     redrive.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_redrive"))
 
     reconcile = sub.add_parser("reconcile", help="re-announce unfinished slides (after a broker restart)")
     reconcile.add_argument("--stalled-after", type=float, default=0.0, help="seconds without progress")
-    reconcile.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_reconcile"))
+    reconcile.set_defaults(handler=_lazy("wsitk.services.ingest.poller", "cli_reconcile"))
 
     _add_correction_commands(sub)
     _add_model_commands(sub)
@@ -189,6 +197,12 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_lazy_arguments(export, "wsitk.shared.models.cli", "add_export_arguments")
     export.set_defaults(handler=_lazy("wsitk.shared.models.cli", "cli_export"))
 
+    dicomweb = sub.add_parser(
+        "dicomweb", help="pull a study's slide series from a DICOMweb archive into the pipeline"
+    )
+    _add_lazy_arguments(dicomweb, "wsitk.shared.interop.dicomweb", "add_arguments")
+    dicomweb.set_defaults(handler=_lazy("wsitk.shared.interop.dicomweb", "cli_dicomweb"))
+
 
 def cli_run(args: argparse.Namespace) -> int:
     from wsitk.shared.config import load_settings
@@ -198,30 +212,116 @@ def cli_run(args: argparse.Namespace) -> int:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from wsitk.shared.config import wsi_home
-    from wsitk.shared.errors import TransientError
+#: Commands that talk to a stack, so need to find its state (``require_wsi_home``) before anything else.
+_STACK_COMMANDS = {"db", "submit", "status", "events", "redrive", "reconcile", "mpp", "reprocess", "rescore"}
+_STACK_COMMANDS |= {"export", "services"}
+_REGISTRY_ACTIONS = {"register", "promote", "deactivate", "retire", "list"}
 
+
+def _needs_stack(args: argparse.Namespace) -> bool:
+    return args.command in _STACK_COMMANDS or (
+        args.command == "model" and getattr(args, "action", "") in _REGISTRY_ACTIONS
+    )
+
+
+def _server_down(exc: BaseException) -> str:
+    """Which server an infrastructure failure is about, in one line."""
+    from wsitk.shared.config import load_settings
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    module = type(exc).__module__
+    if "PostgreSQL" in text or module.startswith("psycopg"):
+        return text if "PostgreSQL" in text else f"PostgreSQL unreachable: {text}"
+    settings = load_settings()
+    if module.startswith(("aiokafka", "kafka")):
+        return f"Kafka broker unreachable at {settings.kafka_bootstrap}: {text}"
+    if module.startswith(("urllib3", "minio")):
+        return f"S3 server unreachable at {settings.s3_endpoint}: {text}"
+    return text
+
+
+def _expected_failure(exc: BaseException) -> tuple[int, str] | None:
+    """(exit status, one line) for the failures a person can act on; None for a bug."""
+    from pydantic import ValidationError
+    from wsitk.shared.config import StateNotFound, wsi_home
+    from wsitk.shared.errors import PermanentError, is_transient
+
+    if isinstance(exc, StateNotFound):
+        return 2, str(exc)
+    if is_transient(exc):  # a server is down: say which, and how this CLI finds its stack
+        return 2, (
+            f"{_server_down(exc)}\n(state directory {wsi_home()}: start the local stack with `wsi stack up` "
+            "(or `make demo`), or set WSI_HOME / the WSI_* endpoints to the running one)"
+        )
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"WSI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        return 2, f"invalid configuration: {problems}"
+    if isinstance(exc, PermanentError):
+        return 2, exc.reason
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError | PermissionError):
+        return 2, f"{exc.strerror or type(exc).__name__}: {exc.filename or exc}"
+    if _is_project_error(exc):
+        return 2, str(exc)
+    return None
+
+
+def _is_project_error(exc: BaseException) -> bool:
+    """An error this project raises with a message meant for people (bad input, unknown slide or model
+    version, missing model files), as opposed to a bug deep in a library."""
+    return any(
+        cls.__module__.startswith("wsitk.") and cls.__name__ != "HandBack" for cls in type(exc).__mro__
+    )
+
+
+def _debugging(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere on the line (or ``WSI_DEBUG=1``): keep tracebacks of unexpected errors."""
+    debug = os.environ.get("WSI_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+    return [arg for arg in argv if arg != "--debug"], debug or "--debug" in argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``wsi``: every expected failure is one readable line on stderr and a non-zero status (2 for
+    something to fix: input, configuration, a server down; 1 for an unexpected error, whose traceback
+    ``--debug`` or ``WSI_DEBUG=1`` shows)."""
     parser = build_parser()
+    argv, debug = _debugging(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     previous_logging = None
+    kafka_log = logging.getLogger("aiokafka")
+    kafka_log_level = kafka_log.level
     if args.command not in ("run", "demo", "experiment", "services", "stack"):
         # Tool commands print results on stdout; their library logs go to stderr, warnings and up only.
         from wsitk.shared.logging import configure_cli_logging
 
         previous_logging = configure_cli_logging(os.environ.get("WSI_CLI_LOG_LEVEL", "WARNING"))
+        if not debug:  # a broker that is down is wsi's one line below, not also the client's own log
+            kafka_log.setLevel(logging.CRITICAL)
+    name = " ".join(str(part) for part in (args.command, getattr(args, "action", None)) if part)
     try:
+        if _needs_stack(args):
+            from wsitk.shared.config import require_wsi_home
+
+            require_wsi_home()
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
-    except TransientError as exc:  # a server is down: say which, and how this CLI finds its stack
+    except Exception as exc:  # the one top-level handler: one line per failure; --debug re-raises
+        if debug:
+            raise
+        known = _expected_failure(exc)
+        if known is not None:
+            print(f"wsi {name}: {known[1]}", file=sys.stderr)
+            return known[0]
+        if args.command == "run":  # a service's own crash: its log keeps the whole traceback
+            raise
         print(
-            f"wsi {args.command}: {exc}\n(state directory {wsi_home()}: start the local stack with "
-            "`wsi stack up`, or set WSI_HOME / the WSI_* endpoints to the running one)",
+            f"wsi {name}: unexpected error: {type(exc).__name__}: {exc}\n"
+            "(rerun with --debug, or WSI_DEBUG=1, for the traceback)",
             file=sys.stderr,
         )
-        return 2
+        return 1
     finally:
+        kafka_log.setLevel(kafka_log_level)
         if previous_logging is not None:  # called in-process (tests): leave logging as it was
             import structlog
 

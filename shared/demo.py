@@ -38,7 +38,7 @@ def wait_for_outcomes(settings: Settings, keys: list[str], timeout_s: float) -> 
                 for r in slide_table(settings, limit=500)
                 if any(k in (r["upload_keys"] or "") for k in keys)
             ]
-        except Exception as exc:  # the database may still be starting
+        except Exception as exc:  # noqa: BLE001 - the database may still be starting; said, then retried
             rows = []
             _say(f"      (waiting for the recorder: {exc})")
         counts = Counter(r["status"] for r in rows)

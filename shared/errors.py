@@ -10,7 +10,11 @@ everything else ``is_transient`` classifies the exceptions of the libraries we t
 from __future__ import annotations
 
 import errno
+import re
+import shutil
 import socket
+from collections.abc import Mapping
+from pathlib import Path
 
 
 class TransientError(Exception):
@@ -21,9 +25,53 @@ class PermanentError(Exception):
     """A deterministic failure of one input. ``code`` is machine-readable, the message is for people."""
 
     def __init__(self, code: str, reason: str) -> None:
+        reason = scrub_local_paths(reason)  # reasons reach public events: no paths of this machine
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+# A path of this machine: absolute (or ``~/``) with two or more parts, or relative through a ``.wsi``
+# folder. Not a URL (``http://host/key``, ``s3://bucket/key``) nor an object key (``case-12/s1.svs``).
+_PART = r"[^\s'\"`/:,;()\[\]{}<>|]+"
+_LOCAL_PATH = rf"(?<![\w:/.~-])~?(?:/{_PART}){{2,}}/?|(?<![\w/.-])(?:[\w.-]+/)*\.wsi(?:/{_PART})+"
+
+
+def scrub_local_paths(text: str, known: Mapping[str, str] | None = None) -> str:
+    """``text`` (a reason built from an exception) without the local filesystem paths it quotes.
+
+    ``known`` maps local paths or file names to what the public should read instead (the object key
+    the file was downloaded from); any other local path becomes its file name. Public events (slide
+    rejected, slide failed, dead letters) build their reasons through this, so a cache path such as
+    ``.wsi/cache/ingest/<digest>.svs`` never leaves the machine.
+    """
+    names = {local: public for local, public in (known or {}).items() if local}
+    literals = [re.escape(local) for local in sorted(names, key=len, reverse=True)]
+    pattern = re.compile("|".join([*literals, _LOCAL_PATH]))
+
+    def public(match: re.Match[str]) -> str:
+        found = match.group(0)
+        if found in names:
+            return names[found]
+        name = found.rstrip("/").rsplit("/", 1)[-1]
+        return names.get(name, name)
+
+    return pattern.sub(public, text)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def local_disk_full(what: str, folder: Path, needed_for: str) -> TransientError:
+    """The error for a full local disk: names the folder and its free bytes, and waits (transient)."""
+    try:
+        free = f"{shutil.disk_usage(folder).free} bytes free"
+    except OSError:
+        free = "no free space"
+    return TransientError(
+        f"local disk full: {what} {folder} has {free}, too few for {needed_for}; "
+        "waiting for space (free the disk, give it more, or lower WSI_CACHE_MAX_BYTES)"
+    )
 
 
 _TRANSIENT_S3_CODES = {
@@ -42,6 +90,10 @@ _TRANSIENT_ERRNOS = {
     errno.ENETUNREACH,
     errno.ETIMEDOUT,
     errno.EPIPE,
+    # A full local disk (the slide cache, the tiler's work folder) is the machine's, not the slide's:
+    # wait for space as for any other infrastructure failure, never dead-letter the slide for it.
+    errno.ENOSPC,
+    errno.EDQUOT,
 }
 
 

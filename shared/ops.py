@@ -254,6 +254,33 @@ def cli_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- slide references ---------------------------------------------------------------------------
+def resolve_slide_ids(settings: Settings, references: Sequence[str]) -> list[str]:
+    """The full slide id of each reference a person typed: the short id ``wsi status`` prints (any
+    unique prefix of 8+ hex digits), a full id, an upload key or a file name.
+
+    Raises ``CorrectionError`` naming every reference that is unknown or ambiguous (with the slides an
+    ambiguous one matches), so a command acts on all the slides given or on none.
+    """
+    from wsitk.shared.corrections import CorrectionError, resolve_slide
+    from wsitk.shared.db.connection import Database
+
+    db = Database(settings.dsn())
+    try:
+        found: list[str] = []
+        problems: list[str] = []
+        for reference in references:
+            try:
+                found.append(resolve_slide(db, reference)[0])
+            except CorrectionError as exc:
+                problems.append(str(exc))
+    finally:
+        db.close()
+    if problems:
+        raise CorrectionError("\n".join(problems))
+    return found
+
+
 # -- status ---------------------------------------------------------------------------------------
 def slide_table(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
     from wsitk.shared.db.connection import Database
@@ -263,7 +290,8 @@ def slide_table(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
         rows = db.execute(
             """
             SELECT s.slide_id, s.status, array_to_string(s.upload_keys, ', '), p.label, p.probability,
-                   p.model_version, s.total_tiles, s.reason_code, s.status_reason, s.runs, s.mpp, s.mpp_source
+                   p.model_version, s.total_tiles, s.reason_code, s.status_reason, s.runs, s.mpp, s.mpp_source,
+                   p.out_of_distribution, p.ood_score, p.ood_limit
             FROM v_slide_status s
             LEFT JOIN LATERAL (SELECT * FROM v_predictions vp WHERE vp.slide_id = s.slide_id
                                ORDER BY vp.tiling_run_id = s.tiling_run_id DESC, vp.recorded_at DESC
@@ -287,6 +315,9 @@ def slide_table(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
         "runs",
         "mpp",
         "mpp_source",
+        "out_of_distribution",
+        "ood_score",
+        "ood_limit",
     ]
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
@@ -304,7 +335,9 @@ def slide_runs(settings: Settings, slide_id: str) -> list[dict[str, Any]]:
                    (SELECT count(*) FROM stage_progress g WHERE g.slide_id = r.slide_id
                       AND g.tiling_run_id = r.tiling_run_id AND g.stage = 'embedder') AS shards_embedded,
                    coalesce((SELECT json_agg(json_build_object('model_version', p.model_version, 'label', p.label,
-                                    'probability', p.probability, 'origin', p.origin) ORDER BY p.recorded_at)
+                                    'probability', p.probability, 'origin', p.origin,
+                                    'out_of_distribution', p.out_of_distribution, 'ood_score', p.ood_score,
+                                    'ood_limit', p.ood_limit) ORDER BY p.recorded_at)
                              FROM predictions p WHERE p.slide_id = r.slide_id AND p.tiling_run_id = r.tiling_run_id),
                             '[]'::json)
             FROM slide_runs r JOIN slides s ON s.slide_id = r.slide_id
@@ -340,11 +373,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             detail = f"{detail}  [slide MPP {row['mpp']:g}]".strip()
         if (row.get("runs") or 0) > 1:
             detail = f"{detail}  [run {row['runs']}]".strip()
+        if row.get("out_of_distribution"):
+            detail = (
+                f"OUT OF DISTRIBUTION (score {row['ood_score']:.1f} > limit {row['ood_limit']:.1f}: unlike the "
+                f"model's training slides, do not trust the label)  {detail}"
+            )
         lines.append(
             f"{_file_names(row['upload_keys'])[-36:]:36s} {row['slide_id'][:12]:12s} {row['status']:10s} {row['label'] or '':7s} "
             f"{probability:>9s} {row['tiles'] or 0:>6d}  {detail[:120]}"
         )
     return "\n".join(lines)
+
+
+def _ood_note(prediction: dict[str, Any]) -> str:
+    """The out-of-distribution verdict of one prediction, as `wsi status --slide` prints it."""
+    if prediction.get("out_of_distribution") is None:
+        return ""
+    verdict = "OUT OF DISTRIBUTION" if prediction["out_of_distribution"] else "in distribution"
+    return f"  {verdict} (score {prediction['ood_score']:.2f}, limit {prediction['ood_limit']:.2f})"
 
 
 def _file_names(keys: str | None) -> str:
@@ -353,7 +399,8 @@ def _file_names(keys: str | None) -> str:
 
 def cli_status(args: argparse.Namespace) -> int:
     if args.slide:
-        runs = slide_runs(load_settings(), args.slide.strip().lower())
+        settings = load_settings()
+        runs = slide_runs(settings, resolve_slide_ids(settings, [args.slide])[0])
         if not runs:
             print(f"wsi status: no recorded run of slide {args.slide!r}", file=sys.stderr)
             return 2
@@ -368,6 +415,7 @@ def cli_status(args: argparse.Namespace) -> int:
             for p in run["predictions"]:
                 print(
                     f"    {p['label']:7s} P(tumour) {p['probability']:.3f}  model {p['model_version']} ({p['origin']})"
+                    + _ood_note(p)
                 )
         return 0
     print(format_table(slide_table(load_settings(), args.limit)))
@@ -384,8 +432,8 @@ async def read_public_events(
     from wsitk.shared.contracts import MalformedEvent, decode, to_json_dict
 
     consumer = make_consumer(settings, [], None)
-    await consumer.start()
     try:
+        await consumer.start()
         partitions = []
         for name in topics:
             for partition in consumer.partitions_for_topic(name) or await _partitions(consumer, name):
@@ -447,10 +495,10 @@ async def redrive(
     done = {row[0] for row in db.execute("SELECT event_id FROM dead_letters WHERE redriven_at IS NOT NULL")}
     consumer = make_consumer(settings, [], None)
     producer = make_producer(settings)
-    await consumer.start()
-    await producer.start()
     replayed = 0
     try:
+        await consumer.start()
+        await producer.start()
         parts = consumer.partitions_for_topic(DEADLETTER) or await _partitions(consumer, DEADLETTER)
         partitions = [TopicPartition(DEADLETTER, p) for p in parts]
         consumer.assign(partitions)
@@ -498,35 +546,10 @@ async def redrive(
 
 
 def cli_redrive(args: argparse.Namespace) -> int:
-    count = asyncio.run(
-        redrive(load_settings(), service=args.service, slide=args.slide, dry_run=args.dry_run)
-    )
-    print(f"{'would replay' if args.dry_run else 'replayed'} {count} dead letter(s)")
-    return 0
-
-
-def cli_reconcile(args: argparse.Namespace) -> int:
-    from wsitk.services.ingest.poller import reconcile
-    from wsitk.shared.bus.kafka import make_producer, produce_all
-    from wsitk.shared.context import ServiceContext
-
     settings = load_settings()
-    ctx = ServiceContext(settings, "cli")
-
-    async def run() -> int:
-        producer = make_producer(settings)
-        await producer.start()
-        loop = asyncio.get_running_loop()
-        try:
-
-            def produce(outputs: list[Any]) -> None:
-                asyncio.run_coroutine_threadsafe(produce_all(producer, outputs), loop).result(timeout=60)
-
-            return await asyncio.to_thread(reconcile, ctx, produce, args.stalled_after)
-        finally:
-            await producer.stop()
-
-    print(f"re-announced {asyncio.run(run())} upload(s)")
+    slide = resolve_slide_ids(settings, [args.slide])[0] if args.slide else None
+    count = asyncio.run(redrive(settings, service=args.service, slide=slide, dry_run=args.dry_run))
+    print(f"{'would replay' if args.dry_run else 'replayed'} {count} dead letter(s)")
     return 0
 
 

@@ -184,7 +184,7 @@ class SecureStack:
         for stop in reversed(self.stops):
             try:
                 stop()
-            except Exception as error:  # keep stopping the rest
+            except Exception as error:  # noqa: BLE001 - keep stopping the rest; printed
                 print(f"secure stack: stopping failed: {error}")
 
 
@@ -195,7 +195,7 @@ def _wait(what: str, probe: Callable[[], Any], timeout_s: float, log: Path | Non
         try:
             if probe():
                 return
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - a probe failing while the server starts; reported at the deadline
             last = error
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log is not None and log.is_file() else ""

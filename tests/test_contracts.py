@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from wsitk.shared.contracts import (
@@ -23,7 +24,7 @@ from wsitk.shared.topics import topic_table
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sample(message_name: str) -> object:
+def sample(message_name: str) -> Any:  # any of the generated wsi.v1 messages (each has .meta)
     cls = MESSAGE_TYPES[message_name]
     message = cls(meta=new_meta(service="test", slide_id="a" * 32, event_parts=[message_name]))
     if message_name == "Prediction":

@@ -19,7 +19,7 @@ from wsitk.services.embedder.engine import EmbeddingEngine, ShardEmbedded, Shard
 from wsitk.shared.keys import embedding_key
 from wsitk.shared.models.export import export_backbone
 from wsitk.shared.models.runtime import BackboneRunner
-from wsitk.shared.objectstore import FilesystemObjectStore
+from wsitk.shared.objectstore import FilesystemObjectStore, StoredObject
 from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
 
 BUCKET = "wsi-artifacts"
@@ -103,7 +103,7 @@ def test_batches_fill_across_shards_and_slides_and_features_split_back(
 def test_outputs_are_put_if_absent_and_two_backbones_never_mix(tmp_path: Path, model_dir: Path) -> None:
     store = FilesystemObjectStore(tmp_path / "store")
     job = ShardJob("slide-a", "run1", "s00000", BUCKET, _put_shard(store, "slide-a", "s00000", _tiles(5, 4)))
-    outputs = {}
+    outputs: dict[str, StoredObject] = {}
     for name in ("a", "b", "a"):
         runner = BackboneRunner(model_dir / f"{name}.onnx", batch_size=4, prefer=("CPUExecutionProvider",))
         with EmbeddingEngine(runner, store, artifacts_bucket=BUCKET, decode_workers=1) as engine:

@@ -242,7 +242,7 @@ def _hf_full_layout_as_timm(spec: EncoderSpec) -> dict[str, tuple[int, ...]]:
 
 
 # Published facts per family: (output dim, parameters in millions (+-1 %), distinctive tensors).
-PUBLISHED = {
+PUBLISHED: dict[str, tuple[int, float, dict[str, tuple[int, ...]]]] = {
     "uni": (1024, 303.4, {"pos_embed": (1, 197, 1024), "blocks.23.mlp.fc1.weight": (4096, 1024)}),
     "uni2-h": (
         1536,
@@ -291,7 +291,7 @@ def test_full_size_layout_names_and_shapes_without_allocating(family: str) -> No
     assert trunk == _hf_full_layout_as_timm(spec)  # transformers' full-size model has the same tensors
     with torch.device("meta"):
         model = spec.make_module()
-        model.set_input_size(spec.input_size)  # type: ignore[operator]
+        model.set_input_size(spec.input_size)
         out = model(torch.empty(2, 3, spec.input_size, spec.input_size))
     assert tuple(out.shape) == (2, output_dim)
 

@@ -93,7 +93,7 @@ def test_real_scan_is_cut_as_stored_at_its_own_scale(cmu_run: tuple[dict, Path])
         meta=new_meta(service="ingest", slide_id="cmu", event_parts=["cmu"]),
         profile=pb.PipelineProfile(target_mpp=0.5, tile_size=224),
     )
-    handler = TilerHandler(SimpleNamespace(settings=SimpleNamespace(isolation_memory_bytes=1 << 30)))  # type: ignore[arg-type]
+    handler = TilerHandler(SimpleNamespace(settings=SimpleNamespace(isolation_memory_bytes=1 << 30)))
     tile_plan = handler._events(ingested, "run", manifest)[0].message
     assert isinstance(tile_plan, pb.TilePlan)
     assert tile_plan.tile_mpp == pytest.approx(0.499) and tile_plan.mpp_tolerance == pytest.approx(0.02)
@@ -325,7 +325,7 @@ def test_quality_filter_reports_each_tiles_reason_and_ink_colour(tmp_path: Path)
         profile=pb.PipelineProfile(target_mpp=0.5, tile_size=224),
     )
     message = Incoming("wsi.tiles.shards", 0, 0, b"s/s00000", event.SerializeToString(), [], event)
-    (output,) = QualityFilterHandler(ctx).handle(message)  # type: ignore[arg-type]
+    (output,) = QualityFilterHandler(ctx).handle(message)
     result = output.message
     assert (result.tile_count, result.accepted_count) == (3, 1)
     assert dict(result.rejected_by_reason) == {"pen": 1, "background": 1}

@@ -9,7 +9,6 @@ infrastructure failures retried without dead-lettering; SIGTERM exits 0; health 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -92,8 +91,10 @@ async def run_until(runtime: ServiceRuntime, done: Any, timeout_s: float = 90.0)
             await asyncio.sleep(0.5)
     finally:
         runtime._stopping.set()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(task, 30)
+        except Exception as exc:  # noqa: BLE001 - the test's assertions decide; how the runtime ended is said
+            print(f"the runtime ended with {type(exc).__name__}: {exc}")
 
 
 def attempts_rows(stack: Any, group: str) -> list[tuple[Any, ...]]:

@@ -67,7 +67,9 @@ def test_setup_upload_and_fetch_through_the_s3_api(s3_env: dict[str, str], tmp_p
         ("backups", "wsi-backups"),
     ):
         assert client.get_bucket_versioning(bucket).status == "Enabled"
-        rules = client.get_bucket_lifecycle(bucket).rules
+        lifecycle = client.get_bucket_lifecycle(bucket)
+        assert lifecycle is not None, f"{bucket} has no lifecycle policy"
+        rules = lifecycle.rules
         expected = json.loads((lifecycle_dir / f"lifecycle-{role}.json").read_text())["Rules"]
         assert {r.rule_id for r in rules} == {r["ID"] for r in expected}
         # every versioned bucket expires its old versions

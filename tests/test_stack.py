@@ -116,7 +116,8 @@ def test_buckets_exist_and_objects_round_trip(stack: StackInfo) -> None:
 def test_app_role_reads_rows_and_cannot_create_tables(stack: StackInfo) -> None:
     with psycopg.connect(stack.database_url(), autocommit=True) as connection:
         assert connection.execute("SELECT current_user, current_database()").fetchone() == ("wsi_app", "wsi")
-        assert connection.execute("SELECT count(*) FROM wsi.schema_migrations").fetchone()[0] >= 1
+        applied = connection.execute("SELECT count(*) FROM wsi.schema_migrations").fetchone()
+        assert applied is not None and applied[0] >= 1
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             connection.execute("CREATE TABLE wsi.not_allowed (x int)")
 

@@ -158,7 +158,7 @@ def test_plan_is_deterministic_for_a_seed() -> None:
 def test_bad_cohort_arguments_say_what_to_change(arguments: dict[str, object], message: str) -> None:
     parameters: dict[str, object] = {"patients": 4, **arguments}
     with pytest.raises(ValueError, match=f"invalid labelled cohort: .*{message}"):
-        CohortParameters(**parameters)  # type: ignore[arg-type]
+        CohortParameters(**parameters)
 
 
 def test_every_problem_is_named_at_once() -> None:
@@ -171,7 +171,7 @@ def test_bad_site_effects_in_a_spec_say_what_to_change() -> None:
     with pytest.raises(ValueError, match=r"stain_shift \(2.0, 1.0\) must be two factors .* within 0.5..1.6"):
         SynthSpec(stain_shift=(2.0, 1.0))
     with pytest.raises(ValueError, match=r"illumination_od .* must be three optical densities"):
-        SynthSpec(illumination_od=(0.1, 0.1))  # type: ignore[arg-type]
+        SynthSpec(illumination_od=(0.1, 0.1))
     with pytest.raises(ValueError, match=r"nucleus_scale 2\.0 must be within 0\.75\.\.1\.3"):
         SynthSpec(nucleus_scale=2.0)
 

@@ -232,7 +232,7 @@ def test_look_validation_names_the_problem() -> None:
     with pytest.raises(ValueError, match="unknown look 'sepia'"):
         look_named("sepia")
     with pytest.raises(ValueError, match="unknown ScannerLook fields"):
-        SynthSpec(look={"gamma": 2.2})  # type: ignore[arg-type]
+        SynthSpec(look={"gamma": 2.2})
 
 
 def test_random_look_round_trips_through_the_truth_file(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def _ingested(
 
 
 def _ids(outputs: list[Outgoing]) -> list[str]:
-    return [str(o.message.meta.event_id) for o in outputs if o.message is not None]  # type: ignore[attr-defined]
+    return [str(o.message.meta.event_id) for o in outputs if o.message is not None]
 
 
 def test_plan_and_shards_go_out_while_the_slide_is_cut_each_exactly_once(
@@ -64,13 +64,13 @@ def test_plan_and_shards_go_out_while_the_slide_is_cut_each_exactly_once(
     finished = time.monotonic()
 
     # Everything the tiler has to say about the slide, published once: early or in the handler's return.
-    everything = handler._events(event, early[0][1].message.tiling_run_id, _stored_manifest(handler, event))  # type: ignore[union-attr]
+    everything = handler._events(event, early[0][1].message.tiling_run_id, _stored_manifest(handler, event))
     published = [o for _, o in early] + returned
     assert sorted(_ids(published)) == sorted(_ids(everything))
     assert len(set(_ids(published))) == len(published)
     # The plan first, then shards in order; shards well before the last tile was cut.
     assert early[0][1].topic == TILE_PLANS
-    shard_indices = [o.message.shard_index for _, o in early if o.topic == TILE_SHARDS]  # type: ignore[union-attr]
+    shard_indices = [o.message.shard_index for _, o in early if o.topic == TILE_SHARDS]
     print(f"{len(shard_indices)} shards published early")
     assert shard_indices == sorted(shard_indices) and len(shard_indices) >= 1
     total = len([o for o in everything if o.topic == TILE_SHARDS])

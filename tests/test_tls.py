@@ -35,7 +35,7 @@ class SecurePipeline:
 
         settings = self.stack.settings()
         with psycopg.connect(settings.dsn(admin=True), options="-c search_path=wsi,public") as conn:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            return conn.execute(sql, params).fetchall()
 
     def logs(self) -> str:
         return "\n".join(

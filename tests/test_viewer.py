@@ -249,7 +249,8 @@ def test_the_viewer_database_role_reads_but_cannot_write(scene: Scene) -> None:
     import psycopg
 
     with psycopg.connect(scene.pipeline.stack.viewer_database_url()) as conn:
-        assert conn.execute("SELECT count(*) FROM wsi.slides").fetchone()[0] >= 2
+        slides = conn.execute("SELECT count(*) FROM wsi.slides").fetchone()
+        assert slides is not None and slides[0] >= 2
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM wsi.audit_log LIMIT 1")
     with psycopg.connect(scene.pipeline.stack.viewer_database_url()) as conn, pytest.raises(psycopg.Error):
@@ -316,7 +317,8 @@ def test_the_viewer_refuses_to_serve_a_network_without_authentication() -> None:
 
 
 # -- a real browser ---------------------------------------------------------------------------------
-def _near(pixel: tuple[int, ...], colour: str, tolerance: int = 14) -> bool:
+def _near(pixel: float | tuple[int, ...] | None, colour: str, tolerance: int = 14) -> bool:
+    assert isinstance(pixel, tuple), f"expected an RGB pixel, got {pixel!r}"
     wanted = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
     return all(abs(int(p) - w) <= tolerance for p, w in zip(pixel[:3], wanted, strict=True))
 

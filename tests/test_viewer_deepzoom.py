@@ -68,6 +68,7 @@ def test_tiles_are_converted_to_srgb_through_the_slides_icc_profile(fixtures_dir
     assert ours.has_icc_profile
     with openslide.OpenSlide(str(path)) as slide:
         raw = DeepZoomGenerator(slide, tile_size=254, overlap=1, limit_bounds=False)
+        assert slide.color_profile is not None
         transform = ImageCms.buildTransform(
             slide.color_profile, ImageCms.createProfile("sRGB"), "RGB", "RGB", ImageCms.Intent.PERCEPTUAL
         )

@@ -142,7 +142,7 @@ class EmbeddingEngine:
         artifacts_bucket: str,
         decode_workers: int = 0,
         prefetch_batches: int = 3,
-        fetch_ahead_shards: int = 8,
+        fetch_ahead_shards: int = 3,
         chunk_tiles: int = 16,
         stain_normalizer: StainNormalizer | None = None,
     ) -> None:
@@ -196,7 +196,7 @@ class EmbeddingEngine:
             elif index in writes:
                 try:
                     results.append(ShardEmbedded(state.job, writes[index].result(), len(state.keep)))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the shard's outcome; the handler classifies it
                     results.append(exc)
             else:
                 results.append(ShardEmbedded(state.job, None, 0))
@@ -241,7 +241,7 @@ class EmbeddingEngine:
             top_up()
             try:
                 fetched.result()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the shard's outcome; the handler classifies it
                 state.error = exc
                 continue
             if state.remaining == 0:
@@ -303,13 +303,13 @@ class EmbeddingEngine:
         for part, future in batch.chunks:
             try:
                 future.result()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the shard's outcome; the handler classifies it
                 part.state.error = part.state.error or exc
         started = time.perf_counter()
         stats.wait_s += started - waited
         try:
             features = self.encoder.infer(batch.array)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every shard of the batch fails with it, classified later
             for segment in batch.segments:
                 segment.state.error = segment.state.error or exc
             return

@@ -66,12 +66,14 @@ class EmbedderHandler:
         batch_size: int = 64,
         decode_workers: int = 0,
         prefetch_batches: int = 3,
+        fetch_ahead_shards: int = 3,
         backend: str = "auto",
     ) -> None:
         self.ctx = ctx
         self.batch_size = batch_size
         self.decode_workers = decode_workers
         self.prefetch_batches = prefetch_batches
+        self.fetch_ahead_shards = fetch_ahead_shards
         self.backend = backend
 
     @cached_property
@@ -96,6 +98,7 @@ class EmbedderHandler:
             artifacts_bucket=self.ctx.settings.artifacts_bucket,
             decode_workers=self.decode_workers,
             prefetch_batches=self.prefetch_batches,
+            fetch_ahead_shards=self.fetch_ahead_shards,
         )
 
     def handle(self, message: Incoming) -> list[Outgoing]:
@@ -142,7 +145,7 @@ class EmbedderHandler:
                     known[index] = (stored, self._stored_count(stored))
                 else:
                     to_embed[index] = job
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the shard's outcome, classified below like the engine's
                 outcomes[index] = exc
         results = self.engine.run(list(to_embed.values())) if to_embed else []
         for index, result in zip(to_embed, results, strict=True):

@@ -7,6 +7,7 @@ from wsitk.services.embedder.handler import SERVICE, EmbedderHandler
 from wsitk.shared.bus.runtime import ServiceSpec, run_service
 from wsitk.shared.config import Settings
 from wsitk.shared.context import ServiceContext
+from wsitk.shared.heap import return_large_blocks
 from wsitk.shared.topics import QC_RESULTS
 
 
@@ -16,6 +17,7 @@ def build(settings: Settings) -> ServiceSpec:
         batch_size=settings.embed_batch_size,
         decode_workers=settings.embed_decode_workers,
         prefetch_batches=settings.embed_prefetch_batches,
+        fetch_ahead_shards=settings.embed_fetch_ahead_shards,
         backend=settings.embed_backend,
     )
     return ServiceSpec(
@@ -27,4 +29,5 @@ def build(settings: Settings) -> ServiceSpec:
 
 
 def main(settings: Settings) -> int:
+    return_large_blocks()  # resident memory follows the bounded queues, not the process's history
     return run_service(build(settings), settings)

@@ -59,7 +59,8 @@ async def serve(settings: Settings) -> int:
     await runner.setup()
     site = web.TCPSite(runner, settings.viewer_host, settings.viewer_port, shutdown_timeout=5)
     await site.start()
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    server = site._server  # an asyncio.Server once started (aiohttp types it as AbstractServer)
+    sockets = server.sockets if isinstance(server, asyncio.Server) else ()
     port = sockets[0].getsockname()[1] if sockets else settings.viewer_port
     BUILD_INFO.labels(SERVICE, package_version()).set(1)
     READY.labels(SERVICE).set(0)
@@ -90,7 +91,8 @@ async def _report_readiness(viewer: Viewer, stopping: asyncio.Event, interval_s:
     while not stopping.is_set():
         try:
             ready = bool(await viewer.run(viewer.is_ready))
-        except Exception:  # a dependency that fails to answer is "not ready", whatever the error
+        except Exception as exc:  # noqa: BLE001 - a dependency that fails to answer is "not ready", whatever the error
+            log.info("not ready", error=f"{type(exc).__name__}: {exc}")
             ready = False
         READY.labels(SERVICE).set(1 if ready else 0)
         with contextlib.suppress(TimeoutError):

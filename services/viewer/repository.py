@@ -62,7 +62,8 @@ def _like_prefix(text: str) -> str:
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
     plain = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
     if "top_tiles" in plain:
-        plain["top_tiles"] = [_top_tile(t) for t in plain["top_tiles"] or []]
+        tiles: list[dict[str, Any]] = row["top_tiles"] or []
+        plain["top_tiles"] = [_top_tile(t) for t in tiles]
     return plain
 
 
@@ -102,7 +103,7 @@ class ViewerRepository:
 
     def _rows(self, query: str, params: dict[str, Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         try:
-            return [_plain(row) for row in self._connection().execute(query, params).fetchall()]  # type: ignore[arg-type]
+            return [_plain(row) for row in self._connection().execute(query, params).fetchall()]
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._local.conn = None
             raise TransientError(f"PostgreSQL connection lost: {exc}") from exc

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.contracts import MalformedEvent, decode, new_meta, pb
 from wsitk.shared.db.connection import Database
-from wsitk.shared.errors import PermanentError, is_transient
+from wsitk.shared.errors import PermanentError, is_transient, scrub_local_paths
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import DEAD_LETTERS, ERRORS, EVENTS_OUT, REDELIVERIES
 from wsitk.shared.topics import DEADLETTER, SLIDES_FAILED, topic
@@ -180,7 +180,7 @@ def dead_letter_outputs(
     """The dead letter itself plus the public SlideFailed outcome when the slide is known."""
     slide_id = message.slide_id or (message.key or b"").decode("utf-8", "replace").split("/")[0] or "unknown"
     key = (message.key or b"").decode("utf-8", "replace") or slide_id
-    reason = f"{type(error).__name__}: {error}"
+    reason = scrub_local_paths(f"{type(error).__name__}: {error}")  # no local paths in (public) events
     letter = pb.DeadLetter(
         meta=new_meta(
             service=service,
@@ -287,7 +287,7 @@ class DeliveryPolicy:
                 result = await self.run(fn, *args)
                 self.ready(True)
                 return result
-            except Exception as exc:  # noqa: BLE001 - classified just below; anything else re-raised
+            except Exception as exc:  # classified just below; anything else re-raised
                 if not is_transient(exc):
                     raise
                 await self.wait_out(what, exc, delay)

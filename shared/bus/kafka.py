@@ -122,7 +122,7 @@ async def report_lag(consumer: Any, service: str, reported: set[tuple[str, int]]
         try:
             high = consumer.highwater(tp)
             position = await consumer.position(tp)
-        except Exception as exc:  # revoked while we asked: the next round has the new owner's view
+        except Exception as exc:  # noqa: BLE001 - revoked while we asked: the next round has the new owner's view
             _log.debug("lag not readable", topic=tp.topic, partition=tp.partition, error=str(exc))
             continue
         if high is None or position is None:

@@ -223,7 +223,7 @@ class ServiceRuntime:
             else:
                 try:
                     fetched = await self.consumer.getmany(timeout_ms=1000, max_records=self.batch_size)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the consume loop must survive; logged and retried
                     await self._infra_pause("poll", exc)
                     continue
                 records = [r for batch in fetched.values() for r in batch]
@@ -243,7 +243,7 @@ class ServiceRuntime:
             try:
                 extra = await self.consumer.getmany(timeout_ms=500)
                 self._buffer.extend(r for batch in extra.values() for r in batch)
-            except Exception as exc:  # the worker result matters more; polling resumes next round
+            except Exception as exc:  # noqa: BLE001 - the worker result matters more; polling resumes next round
                 log.debug("keepalive poll failed", error=str(exc))
                 await asyncio.sleep(0.5)
             if self._stopping.is_set() and not task.done():
@@ -282,6 +282,7 @@ class ServiceRuntime:
             malformed, decoded = self._decode_all(records)
             results = malformed + await self.policy.handle(decoded, self._call_handler)
             await self.policy.settle(results, self._produce)
+            await pause_before_commit(self.spec.name)
             await self._commit([r.message for r in results])
         finally:
             IN_FLIGHT.labels(self.spec.name).set(0)
@@ -374,10 +375,36 @@ class ServiceRuntime:
         while True:
             try:
                 await asyncio.to_thread(fn, produce)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a periodic task must not end the service; logged
                 ERRORS.labels(self.spec.name, "periodic").inc()
                 log.warning("periodic task failed", task=getattr(fn, "__name__", "?"), error=str(exc))
             await asyncio.sleep(interval)
+
+
+COMMIT_PAUSE_DIR = "WSI_TEST_COMMIT_PAUSE_DIR"
+
+
+async def pause_before_commit(service: str) -> None:
+    """A test hook for the crash harness (``tests/chaos.py``), inert unless ``WSI_TEST_COMMIT_PAUSE_DIR``
+    is set and ``<dir>/<service>.arm`` exists: then, with the batch's outputs acknowledged and its
+    offsets not yet committed, it writes ``<dir>/<service>.paused`` (the pid) and waits until the arm
+    file is gone (30 s at most), so that a SIGKILL lands exactly in that window."""
+    folder = os.environ.get(COMMIT_PAUSE_DIR)
+    if folder:
+        await asyncio.to_thread(_hold_if_armed, folder, service)
+
+
+def _hold_if_armed(folder: str, service: str) -> None:
+    arm, marker = os.path.join(folder, f"{service}.arm"), os.path.join(folder, f"{service}.paused")
+    if not os.path.exists(arm):
+        return
+    with open(marker, "w") as handle:
+        handle.write(str(os.getpid()))
+    until = time.monotonic() + 30
+    while os.path.exists(arm) and time.monotonic() < until:
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        os.remove(marker)
 
 
 def run_service(spec: ServiceSpec, settings: Settings) -> int:

@@ -67,7 +67,7 @@ def migrate(admin_dsn: str, app_user: str = "wsi_app", app_password: str | None 
             if name in done:
                 continue
             with conn.transaction():
-                conn.execute(text)  # type: ignore[arg-type]  # trusted files shipped with the package
+                conn.execute(text)  # trusted files shipped with the package
                 conn.execute("INSERT INTO wsi.schema_migrations (name) VALUES (%s)", (name,))
             applied_now.append(name)
             log.info("migration applied", migration=name)

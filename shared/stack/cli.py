@@ -25,7 +25,8 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help="where data, logs, pids and stack.env live (default: $WSI_HOME, i.e. ~/.wsi)",
+        help="where data, logs, pids and stack.env live (default: $WSI_HOME, else the nearest .wsi folder here "
+        "or above, else ~/.wsi)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address the servers listen on (default loopback)"

@@ -240,7 +240,7 @@ def wait_ready(
         try:
             if check():
                 return
-        except Exception as error:  # the readiness probe's own failure: retried until the deadline
+        except Exception as error:  # noqa: BLE001 - the readiness probe's own failure: retried until the deadline
             last_error = f"{type(error).__name__}: {error}"
         if time.monotonic() > deadline:
             raise TimeoutError(

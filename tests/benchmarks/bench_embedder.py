@@ -154,7 +154,7 @@ class _GpuSampler:
             pynvml.nvmlInit()
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             self._nvml: Any = pynvml
-        except Exception:
+        except Exception:  # noqa: BLE001 - no NVIDIA driver or library: the sampler reports nothing
             self._nvml = None
 
     def __enter__(self) -> _GpuSampler:

@@ -56,7 +56,7 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def torch_run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
+            return model(torch.from_numpy(x)).numpy()
 
     row: dict[str, Any] = {
         "family": name,
@@ -83,7 +83,7 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, Any]:
             )
 
             def onnx_run(x: np.ndarray) -> np.ndarray:
-                return session.run(["features"], {"tiles": x})[0]  # type: ignore[no-any-return]
+                return session.run(["features"], {"tiles": x})[0]
 
             row["onnx_tiles_per_s"] = round(_time(onnx_run, batch, args.batches), 3)
     return row

@@ -153,7 +153,7 @@ def _tile_qc(truth: Any, grid: Any, reader: Any, background: Any) -> dict[str, A
     background_below = 0.6 * limits.min_tissue_fraction
     tissue_above = min(0.95, 1.4 * limits.min_tissue_fraction)
     counts = {reason: [0, 0, 0] for reason in QC_REASONS}  # tp, fp, fn
-    clean = {"tiles": 0, "accepted": 0, "rejected_by_reason": {}}
+    clean: dict[str, Any] = {"tiles": 0, "accepted": 0, "rejected_by_reason": {}}
     side = round(grid.tile_size_level0)
     rows, columns = grid.grid_shape
     xs = np.rint(np.arange(columns) * grid.stride_level0).astype(int)

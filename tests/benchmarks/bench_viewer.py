@@ -80,7 +80,7 @@ def viewer_app(slide: Path, workdir: Path) -> web.Application:
     with openslide.OpenSlide(str(slide)) as opened:
         width, height = opened.dimensions
     settings = Settings(cache_dir=workdir / "cache", viewer_tile_cache_tiles=100_000)
-    viewer = Viewer(settings, _Repository(width, height), FilesystemObjectStore(store_root))  # type: ignore[arg-type]
+    viewer = Viewer(settings, _Repository(width, height), FilesystemObjectStore(store_root))
     return build_app(viewer)
 
 

@@ -38,7 +38,7 @@ def _plan_for(message: Incoming) -> list[Outgoing]:
 
 
 def _spec(handler: Callable[[Incoming], list[Outgoing]], **extra: object) -> ServiceSpec:
-    return ServiceSpec(name="t", topics=[SLIDES_INGESTED], handler=handler, batch_size=4, **extra)  # type: ignore[arg-type]
+    return ServiceSpec(name="t", topics=[SLIDES_INGESTED], handler=handler, batch_size=4, **extra)
 
 
 def _failing(
@@ -60,7 +60,7 @@ def test_outputs_are_produced_once_and_offsets_committed() -> None:
     broker.publish([_ingested(f"s{i}") for i in range(6)])
     runner = MemoryRunner(_spec(_plan_for), broker)
     runner.drain()
-    assert [e.meta.slide_id for e in broker.events(TILE_PLANS)] == [f"s{i}" for i in range(6)]  # type: ignore[attr-defined]
+    assert [e.meta.slide_id for e in broker.events(TILE_PLANS)] == [f"s{i}" for i in range(6)]
     assert broker.lag(runner.group, SLIDES_INGESTED) == 0
     assert runner.ledger.counts == {}, "attempt counts are cleared once outputs are out"
     runner.drain()
@@ -91,11 +91,11 @@ def test_a_deterministic_failure_is_retried_to_the_limit_then_dead_lettered_with
     runner.drain()
     assert calls == ["bad"] * 3
     (letter,) = broker.events(DEADLETTER)
-    assert letter.attempts == 3 and "cannot parse" in letter.error  # type: ignore[attr-defined]
-    assert letter.original_value == broker.records(SLIDES_INGESTED)[0].value  # type: ignore[attr-defined]
+    assert letter.attempts == 3 and "cannot parse" in letter.error
+    assert letter.original_value == broker.records(SLIDES_INGESTED)[0].value
     (failed,) = broker.events(SLIDES_FAILED)
-    assert failed.meta.slide_id == "bad" and "wsi redrive" in failed.reason  # type: ignore[attr-defined]
-    assert [e.meta.slide_id for e in broker.events(TILE_PLANS)] == ["good"]  # type: ignore[attr-defined]
+    assert failed.meta.slide_id == "bad" and "wsi redrive" in failed.reason
+    assert [e.meta.slide_id for e in broker.events(TILE_PLANS)] == ["good"]
     assert broker.lag(runner.group, SLIDES_INGESTED) == 0
 
 
@@ -108,7 +108,7 @@ def test_poison_is_recognised_from_the_durable_count_without_handling_it_again()
     MemoryRunner(_spec(handler), broker, max_attempts=3, ledger=ledger).drain()
     assert calls == []
     (letter,) = broker.events(DEADLETTER)
-    assert letter.error_type == "poison-message"  # type: ignore[attr-defined]
+    assert letter.error_type == "poison-message"
 
 
 def test_a_malformed_event_is_dead_lettered_at_once_with_its_bytes() -> None:
@@ -118,7 +118,7 @@ def test_a_malformed_event_is_dead_lettered_at_once_with_its_bytes() -> None:
     MemoryRunner(_spec(handler), broker).drain()
     assert calls == []
     (letter,) = broker.events(DEADLETTER)
-    assert letter.original_value == b"\xff\x00 not protobuf"  # type: ignore[attr-defined]
+    assert letter.original_value == b"\xff\x00 not protobuf"
     assert broker.records(SLIDES_FAILED) == [], "no slide is known for bytes that do not decode"
 
 
@@ -237,4 +237,4 @@ def test_an_event_of_the_wrong_contract_is_dead_lettered_at_once_not_retried() -
     MemoryRunner(_spec(handler), broker, max_attempts=3).drain()
     assert calls == ["s"]
     (letter,) = broker.events(DEADLETTER)
-    assert "consumes TileShard" in letter.error and letter.attempts == 1  # type: ignore[attr-defined]
+    assert "consumes TileShard" in letter.error and letter.attempts == 1

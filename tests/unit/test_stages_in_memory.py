@@ -62,21 +62,21 @@ def test_a_slide_is_tiled_filtered_and_embedded_exactly_once_and_a_redelivery_ch
     qc = broker.events(QC_RESULTS)
     embeddings = broker.events(EMBEDDINGS)
     assert broker.records(DEADLETTER) == []
-    assert sorted(s.meta.event_id for s in shards) == sorted({s.meta.event_id for s in shards})  # type: ignore[attr-defined]
-    assert sorted(s.shard_id for s in shards) == sorted(plan.shard_ids) and len(shards) >= 2  # type: ignore[attr-defined]
+    assert sorted(s.meta.event_id for s in shards) == sorted({s.meta.event_id for s in shards})
+    assert sorted(s.shard_id for s in shards) == sorted(plan.shard_ids) and len(shards) >= 2
     assert len(qc) == len(shards) and len(embeddings) == len(shards)
-    accepted = sum(int(r.accepted_count) for r in qc)  # type: ignore[attr-defined]
-    assert 0 < accepted <= plan.total_tiles  # type: ignore[attr-defined]
-    embedded = sum(int(e.tile_count) for e in embeddings)  # type: ignore[attr-defined]
+    accepted = sum(int(r.accepted_count) for r in qc)
+    assert 0 < accepted <= plan.total_tiles
+    embedded = sum(int(e.tile_count) for e in embeddings)
     assert embedded == accepted
-    first = next(e for e in embeddings if e.tile_count)  # type: ignore[attr-defined]
-    with np.load(store._path(first.embeddings.bucket, first.embeddings.key)) as stored:  # type: ignore[attr-defined]
+    first = next(e for e in embeddings if e.tile_count)
+    with np.load(store._path(first.embeddings.bucket, first.embeddings.key)) as stored:
         matrices = [stored[name] for name in stored.files]
-    assert any(m.shape == (first.tile_count, first.dim) and np.isfinite(m).all() for m in matrices)  # type: ignore[attr-defined]
+    assert any(m.shape == (first.tile_count, first.dim) and np.isfinite(m).all() for m in matrices)
 
     # A redelivery of the slide (the tiler crashed before its commit) re-publishes the same events;
     # downstream, the same deterministic ids: nothing new is stored, nothing differs.
     broker.committed[(stages[0].group, SLIDES_INGESTED)] = 0
     stages[0].drain()
     again = broker.events(TILE_SHARDS)[len(shards) :]
-    assert sorted(s.meta.event_id for s in again) == sorted(s.meta.event_id for s in shards)  # type: ignore[attr-defined]
+    assert sorted(s.meta.event_id for s in again) == sorted(s.meta.event_id for s in shards)
