@@ -187,8 +187,8 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_lazy_arguments(evaluate, "wsitk.shared.models.evaluate_run", "add_evaluate_arguments")
     evaluate.set_defaults(handler=_lazy("wsitk.shared.models.evaluate_run", "cli_evaluate"))
     rescore = sub.add_parser("rescore", help="re-score slides from stored embeddings with a model version")
-    _add_lazy_arguments(rescore, "wsitk.shared.models.lifecycle", "add_rescore_arguments")
-    rescore.set_defaults(handler=_lazy("wsitk.shared.models.lifecycle", "cli_rescore"))
+    _add_lazy_arguments(rescore, "wsitk.services.mil_scorer.rescore", "add_rescore_arguments")
+    rescore.set_defaults(handler=_lazy("wsitk.services.mil_scorer.rescore", "cli_rescore"))
 
     export = sub.add_parser(
         "export",
