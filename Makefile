@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WSI_HOME ?= $(CURDIR)/.wsi
 
-.PHONY: setup system-deps viewer-assets demo test lint typecheck unit e2e models bench clean stop deploy-generate experiment images containers-smoke
+.PHONY: setup system-deps viewer-assets demo test lint typecheck unit integration e2e models bench clean stop deploy-generate experiment images containers-smoke
 
 $(STAMP): pyproject.toml setup.py proto/wsi/v1/events.proto
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -57,7 +57,7 @@ system-deps:
 	@command -v Orthanc >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
 	  echo "installing Debian's orthanc and orthanc-dicomweb (the DICOMweb archive of the pull test)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
-	@command -v kubectl >/dev/null || echo "note: kubectl (1.27+, with built-in kustomize) is needed by tests/test_deploy_static.py"
+	@command -v kubectl >/dev/null || echo "note: kubectl (1.27+, with built-in kustomize) is needed by tests/integration/test_deploy_static.py"
 
 models: setup
 	$(BIN)/wsi model init-defaults
@@ -76,11 +76,16 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# The suite's three parts (folders under tests/; the folder sets the marker): unit (about a minute, no
+# servers), integration (real files, models and single servers), e2e (the local stack and the services).
 unit: setup
-	$(BIN)/pytest -m "not e2e and not slow" -q
+	$(BIN)/pytest tests/unit -m "not slow" -q
+
+integration: setup
+	$(BIN)/pytest tests/integration -m "not slow" -q
 
 e2e: setup
-	$(BIN)/pytest -m "e2e and not slow" -q
+	$(BIN)/pytest tests/e2e -m "not slow" -q
 
 test: setup system-deps lint typecheck
 	$(BIN)/pytest -m "not slow"

@@ -1,7 +1,7 @@
 """Deployment manifests generated from the project's own tables, so nothing is written down twice.
 
 Four files under ``deploy/k3s/base/`` are outputs of this module, committed, and checked by
-``tests/test_deploy_static.py`` to match their sources:
+``tests/integration/test_deploy_static.py`` to match their sources:
 
 - ``kafka/topics.yaml``: one Strimzi ``KafkaTopic`` per entry of ``shared/topics.toml`` (partitions,
   retention, size limit), so a topic's partition count lives in one place only;

@@ -23,6 +23,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "openslide-python"
 
 
+_PARTS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The folder a test lives in is its part of the suite: ``-m unit``, ``-m integration``, ``-m e2e``."""
+    for item in items:
+        part = next((p for p in _PARTS if p in item.path.relative_to(REPO_ROOT).parts[:2]), None)
+        if part is not None and item.get_closest_marker(part) is None:
+            item.add_marker(getattr(pytest.mark, part))
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     assert FIXTURES.is_dir(), (
@@ -102,7 +113,7 @@ class Pipeline:
         import psycopg
 
         with psycopg.connect(self.stack.database_url(), options="-c search_path=wsi,public") as conn:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            return conn.execute(sql, params).fetchall()
 
     def upload(self, path: Path, key: str) -> None:
         from wsitk.shared.objectstore import S3ObjectStore
@@ -135,8 +146,8 @@ class Pipeline:
         """The port the service's current process serves /metrics and /readyz on (from its first log line)."""
         port = 0
         for line in (self.home / "logs" / f"{service}.log").read_text().splitlines():
-            if '"service starting"' in line:
-                port = int(json.loads(line)["metrics_port"])
+            if '"service starting"' in line:  # Faust may prefix the line with a terminal escape
+                port = int(json.loads(line[line.index("{") :])["metrics_port"])
         if not port:
             raise AssertionError(f"{service} has not logged its metrics port yet")
         return port
@@ -177,6 +188,15 @@ def pipeline_env(stack: Any, models: Path, home: Path, **extra: str) -> dict[str
         "WSI_ISOLATION_MEMORY_BYTES": str(3 * 1024**3),
         "WSI_VIEWER_PORT": "0",  # the viewer picks a free port and logs it (Pipeline.metrics_port)
         "WSI_LAG_INTERVAL_S": "2",
+        # Multi-file slides (DICOM series): decided within seconds, not the production quiet period
+        "WSI_MULTIFILE_SETTLE_S": "2",
+        "WSI_MULTIFILE_CHECK_INTERVAL_S": "1",
+        "WSI_MULTIFILE_TIMEOUT_S": "20",
+        # Outages in the tests last seconds: retry at least every 5 s so recovery is measured, not slept.
+        "WSI_INFRA_BACKOFF_MAX_S": "5",
+        # The crash harness's hook between producing outputs and committing (shared/bus/runtime.py
+        # pause_before_commit): inert until tests/chaos.py arms it with a file in this folder.
+        "WSI_TEST_COMMIT_PAUSE_DIR": str(home / "commit-pause"),
         **extra,
     }
 

@@ -1,6 +1,6 @@
 """Reference QC results per tile: what quality-filter measured and decided before its speed work.
 
-``tests/test_qc_speed_equivalence.py`` checks every tile against ``tests/data/qc_reference.json``: same
+``tests/integration/test_qc_speed_equivalence.py`` checks every tile against ``tests/data/qc_reference.json``: same
 accepted/rejected, same reason, metrics within a stated tolerance. This module builds the tiles (one
 deterministic recipe each) and, with ``--write``, regenerates the reference from the code as it is::
 
@@ -14,7 +14,7 @@ one that measured about 300-350 tiles/s), so it pins the decisions of that imple
   read with OpenSlide, measured at the slide's 0.499 um/px against the background segmentation estimates
   on its thumbnail (``segment_tissue``, as the tiler does);
 * ``real/<file>``: each labelled tile of ``../shared/fixtures/real/tiles`` whole (512 px at its own
-  resolution, default background, as ``tests/test_real_slides.py``), and ``real224/<file>`` box-resized
+  resolution, default background, as ``tests/integration/test_real_slides.py``), and ``real224/<file>`` box-resized
   to 224 px at 0.5 um/px (as the handler test there);
 * ``synth/<look>/<recipe>``: 224 px tiles rendered by ``shared/slides/synth/`` at 0.5 um/px in each
   scanner look (``shared/slides/looks.py``, plus glass clipped at 255 and two random looks), clean

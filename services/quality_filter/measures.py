@@ -46,7 +46,7 @@ averages are rounded half to even as before (``_halve_bytes``); the opening of i
 and the labelling of empty regions run on the stack laid out as one tall image with empty rows between
 tiles, so nothing crosses from one tile to the next (OpenCV, one thread); the two Laplacian variances
 per block come from block sums of the filtered grey images. Decisions are pinned tile by tile to those
-of the earlier float32 implementation (``tests/test_qc_speed_equivalence.py``).
+of the earlier float32 implementation (``tests/integration/test_qc_speed_equivalence.py``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ artefacts. Slides are kept in the workdir and reused while their spec is unchang
 :func:`measure_look` reports:
 
 * **segmentation** (``segment_tissue``, as the tiler calls it): IoU of the found mask against the truth
-  tissue minus pen and debris (mask grid, as ``tests/test_qc_accuracy.py``); the share of the pen truth
+  tissue minus pen and debris (mask grid, as ``tests/integration/test_qc_accuracy.py``); the share of the pen truth
   (and of each pen colour) inside the found mask, which should be near 0; the share of the faint (30 %
   stain) tissue kept, which should be near 1;
 * **tile QC** (``assess`` with :func:`qc_limits`, given the slide's background as segmentation measured
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-#: The slide every look is drawn on (the one of tests/test_qc_accuracy.py), and the QC limits.
+#: The slide every look is drawn on (the one of tests/integration/test_qc_accuracy.py), and the QC limits.
 BENCH_SIZE = (6000, 4500)
 BENCH_SEED = 11
 QC_REASONS = ("pen", "blur", "underexposed", "background")

@@ -1,7 +1,7 @@
 """The delivery rules, once, without Kafka: ``DeliveryPolicy`` over the in-memory broker.
 
 The same policy runs in the aiokafka runtime and in the scorer's Faust stream; the end-to-end tests
-(tests/test_runtime.py, tests/test_outages.py, tests/test_scorer_delivery.py) check that on the real
+(tests/e2e/test_runtime.py, tests/e2e/test_outages.py, tests/e2e/test_scorer_delivery.py) check that on the real
 broker and database. Here every rule is checked in milliseconds.
 """
 

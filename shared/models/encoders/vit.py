@@ -11,7 +11,7 @@ H-optimus, Prov-GigaPath) loads with ``strict=True`` and nothing renamed. The Hu
 What differs between the families is all in ``VitConfig``: patch size, width, depth, heads, the MLP
 (GELU, or timm's ``SwiGLUPacked``: one ``fc1`` producing both halves, ``silu(first) * second``), register
 tokens, whether the position embedding covers the prefix tokens (timm's ``no_embed_class``), layer
-scale, and how the output is pooled. ``tests/test_encoders.py`` checks every family numerically against
+scale, and how the output is pooled. ``tests/integration/test_encoders.py`` checks every family numerically against
 ``transformers``' DINOv2 implementations loading the same tensors.
 """
 

@@ -33,7 +33,7 @@ from tests.conftest import Pipeline
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO_ROOT / "deploy" / "grafana" / "dashboards"
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 TERMINAL = {"predicted", "rejected", "failed", "no_tissue"}

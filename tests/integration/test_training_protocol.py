@@ -3,7 +3,7 @@ half, Platt-calibrated fold models, and the ensemble threshold chosen on calibra
 probabilities, the same kind of score the exported ensemble produces.
 
 ``wsi train`` and ``wsi evaluate`` run here on in-memory Gaussian bags (no stack), a few seconds each;
-``tests/test_model_lifecycle.py`` runs them against the live pipeline.
+``tests/e2e/test_model_lifecycle.py`` runs them against the live pipeline.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from wsitk.shared.objectstore import FilesystemObjectStore
 from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
 
 BUCKET = "wsi-artifacts"
-SCHEMA = json.loads((Path(__file__).parent / "data" / "geojson.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).parents[1] / "data" / "geojson.schema.json").read_text())
 
 
 class CountingStore(FilesystemObjectStore):

@@ -37,8 +37,8 @@ import pytest
 from wsitk.shared.ops import redrive
 
 from tests.conftest import Pipeline
-from tests.test_bad_input import good_slide
-from tests.test_e2e_pipeline import all_terminal
+from tests.e2e.test_bad_input import good_slide
+from tests.e2e.test_e2e_pipeline import all_terminal
 
 pytestmark = pytest.mark.e2e
 

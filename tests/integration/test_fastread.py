@@ -24,7 +24,7 @@ from wsitk.shared.slides.tissue import TissueMask
 
 from tests.conftest import REPO_ROOT
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "openslide-python"
+FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "openslide-python"
 
 VARIANTS = {
     "ycbcr-full-streams": {},

@@ -94,7 +94,7 @@ def test_isolated_decoding_works_when_the_service_is_pid_1() -> None:
         pytest.skip("needs root and util-linux unshare for a PID namespace")
     script = (
         "import os; from wsitk.shared.isolation import IsolatedRunner; "
-        "from tests.test_container_runtime import _double; "
+        "from tests.integration.test_container_runtime import _double; "
         "assert os.getpid() == 1, os.getpid(); "
         "print(IsolatedRunner(1 << 30, 60).run('doubling', _double, 21))"
     )
@@ -103,7 +103,7 @@ def test_isolated_decoding_works_when_the_service_is_pid_1() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         check=False,
     )
     assert result.returncode == 0 and result.stdout.strip() == "42", result.stdout + result.stderr
@@ -162,7 +162,7 @@ def test_each_image_extra_carries_what_its_service_imports(service: str) -> None
     (the quality-filter image had no scipy). Imports inside the service's own package count, lazy ones too."""
     import tomllib
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     have = _extra_distributions(service, extras)
     needed = {

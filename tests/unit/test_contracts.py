@@ -21,7 +21,7 @@ from wsitk.shared.contracts import (
 )
 from wsitk.shared.topics import topic_table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sample(message_name: str) -> Any:  # any of the generated wsi.v1 messages (each has .meta)

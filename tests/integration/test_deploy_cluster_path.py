@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_deploy_static import (
+from tests.integration.test_deploy_static import (
     INPUT_TOPICS,
     OVERLAYS,
     REPO_ROOT,

@@ -11,7 +11,7 @@ from wsitk.shared.models.ood import EmbeddingMoments, OodReference, fit_referenc
 
 from tests.conftest import Pipeline
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "real"
 
 
 def test_streamed_moments_equal_the_direct_mean_and_covariance_far_from_zero() -> None:

@@ -16,7 +16,7 @@ import tifffile
 from wsitk.shared.errors import PermanentError, is_transient
 from wsitk.shared.slides.reader import SlideRejected, inspect_slide, kept_properties, mpp_for
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "openslide-python"
+FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "openslide-python"
 MAX_PIXELS = 200_000 * 200_000
 IDENTIFYING_VALUES = ("CMU-1", "12/29/09", "09:59:15", "b414003d-95c6-48b0-9369-8010ed517ba7")
 

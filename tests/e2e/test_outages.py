@@ -15,7 +15,7 @@ import pytest
 from wsitk.shared.stack import start_component, stop_component
 
 from tests.conftest import Pipeline
-from tests.test_e2e_pipeline import all_terminal, make_slides
+from tests.e2e.test_e2e_pipeline import all_terminal, make_slides
 
 pytestmark = pytest.mark.e2e
 OUTAGE_S = 30

@@ -22,7 +22,7 @@ from wsitk.shared.topics import BUCKET_EVENTS
 
 from tests.conftest import Pipeline
 from tests.dicom_wsi import PHI, PHI_DATE, write_dicom_series
-from tests.test_deidentification import every_record_value
+from tests.e2e.test_deidentification import every_record_value
 
 pytestmark = pytest.mark.e2e
 

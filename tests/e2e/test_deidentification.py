@@ -16,7 +16,7 @@ from wsitk.shared.slides.synth import SynthSpec, generate_slide
 from wsitk.shared.topics import topic_table
 
 from tests.conftest import Pipeline
-from tests.test_e2e_pipeline import all_terminal
+from tests.e2e.test_e2e_pipeline import all_terminal
 
 pytestmark = pytest.mark.e2e
 

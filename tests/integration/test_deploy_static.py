@@ -33,7 +33,7 @@ from wsitk.shared.topics import (
     topic_table,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "prod")
 KUBERNETES_VERSION = "1.33.0"  # K3s v1.33
 SERVICES = ("ingest", "tiler", "quality-filter", "embedder", "mil-scorer", "recorder")

@@ -16,8 +16,8 @@ from wsitk.shared.slides.synth import SynthSpec, generate_slide
 from wsitk.shared.topics import BUCKET_EVENTS, topic_table
 
 from tests.conftest import Pipeline
-from tests.test_e2e_pipeline import all_terminal
-from tests.test_slides_reader import write_tiff_claiming, write_tiff_with_huge_description
+from tests.e2e.test_e2e_pipeline import all_terminal
+from tests.unit.test_slides_reader import write_tiff_claiming, write_tiff_with_huge_description
 
 pytestmark = pytest.mark.e2e
 

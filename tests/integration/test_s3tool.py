@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOL = REPO_ROOT / "deploy" / "k3s" / "base" / "s3" / "s3tool.py"
 
 

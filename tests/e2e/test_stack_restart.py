@@ -14,7 +14,7 @@ import pytest
 from wsitk.shared.stack import LocalStack, start_component, stop_component
 
 from tests.conftest import Pipeline, pipeline_env
-from tests.test_e2e_pipeline import all_terminal, make_slides
+from tests.e2e.test_e2e_pipeline import all_terminal, make_slides
 
 pytestmark = pytest.mark.e2e
 
