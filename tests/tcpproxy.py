@@ -1,7 +1,10 @@
 """A TCP proxy for outage tests: put it between the services and a server, then cut and restore it.
 
 ``cut()`` drops every open connection and stops listening (new connections are refused), as when a
-server or the network goes away; ``restore()`` listens again on the same port.
+server or the network goes away; ``restore()`` listens again on the same port. ``latency_s`` (0 by
+default, settable at any time) makes it a slow server instead: every request, that is each burst of
+client bytes after the server has answered (or on a new connection), waits that long before it is
+passed on; ``delayed`` counts them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class TcpProxy:
         self.listen_host = listen_host
         self.server_ssl = server_ssl
         self.accepted = 0
+        self.latency_s = 0.0
+        self.delayed = 0
         self.port = port or free_port(listen_host)
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
@@ -51,9 +56,18 @@ class TcpProxy:
     def _call(self, coro: object) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)  # type: ignore[arg-type]
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, turn: dict[str, str], side: str
+    ) -> None:
+        """Copy one direction. ``turn["last"]`` (shared by both directions of a connection) says who sent
+        last: client bytes that follow the server's answer (or open the connection) are a new request,
+        delayed by ``latency_s``."""
         try:
             while data := await reader.read(65536):
+                if side == "client" and turn["last"] != "client" and self.latency_s > 0:
+                    self.delayed += 1
+                    await asyncio.sleep(self.latency_s)
+                turn["last"] = side
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -70,8 +84,10 @@ class TcpProxy:
             client_writer.close()
             return
         self._writers |= {client_writer, server_writer}
+        turn = {"last": "server"}
         await asyncio.gather(
-            self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer)
+            self._pipe(client_reader, server_writer, turn, "client"),
+            self._pipe(server_reader, client_writer, turn, "server"),
         )
         self._writers -= {client_writer, server_writer}
 
@@ -97,5 +113,6 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut()
+        self._call(asyncio.sleep(0.1))  # let the aborted connections' handlers finish before the loop stops
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

@@ -29,8 +29,9 @@ def test_shared_never_imports_a_service() -> None:
                 if isinstance(node, ast.ImportFrom)
                 else []
             )
+            line = getattr(node, "lineno", 0)
             offenders += [
-                f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.startswith("wsitk.services")
+                f"{path.relative_to(REPO)}:{line} {n}" for n in names if n.startswith("wsitk.services")
             ]
     assert offenders == [], "shared/ is the services' library; it must not depend on them:\n" + "\n".join(
         offenders
