@@ -172,6 +172,7 @@ def test_malformed_and_wrong_version_events_on_every_topic_are_dead_lettered(pip
                 "Prediction": pb.Prediction,
                 "SlideFailed": pb.SlideFailed,
                 "DeadLetter": pb.DeadLetter,
+                "InteropResult": pb.InteropResult,
             }[spec.message](
                 meta=new_meta(service="test", slide_id=f"future-{run}-{name}", event_parts=["v2"])
             )

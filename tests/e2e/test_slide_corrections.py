@@ -89,7 +89,8 @@ def test_the_recorder_keeps_every_run_and_the_newest_drives_the_status(stack: An
             k.removeprefix("WSI_").lower(): v
             for k, v in stack.env().items()
             if k.startswith("WSI_") and k != "WSI_HOME"
-        }
+        },
+        interop_results=False,  # the DICOM/FHIR results are tests/e2e/test_dicom_e2e.py's business
     )
     ctx = ServiceContext(settings, "recorder")
     recorder = RecorderHandler(ctx)
@@ -346,7 +347,7 @@ def test_bad_input_is_a_readable_line_and_exit_code_2(
         ("mpp", "set", "--csv", str(bad_csv)): "lab.csv line 3: mpp 0 is outside",
         ("mpp", "set", "a.svs", "0.0"): "outside 0.05-20",
         ("mpp", "set", "--csv", str(tmp_path / "missing.csv")): "no such file",
-        ("status", "--slide", "0123456789abcdef"): "no recorded run",
+        ("status", "--slide", "0123456789abcdef"): "no such slide",
     }
     for args, expected in cases.items():
         result = _wsi(pipeline, *args)
