@@ -97,6 +97,10 @@ _TRANSIENT_ERRNOS = {
 }
 
 
+#: Errors that mean a bug in our code, never a server being away (unless raised ``from`` one).
+_PROGRAMMING_ERRORS = (LookupError, AttributeError, TypeError, NameError, AssertionError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when the exception means "a server we depend on is unavailable", not "this input is bad"."""
     if isinstance(exc, TransientError):
@@ -122,7 +126,11 @@ def is_transient(exc: BaseException) -> bool:
         code = getattr(exc, "code", "")
         status = getattr(getattr(exc, "response", None), "status", 0) or 0
         return code in _TRANSIENT_S3_CODES or status >= 500 or name in {"ServerError"}
-    cause = exc.__cause__ or exc.__context__
+    cause = exc.__cause__
+    if cause is None and not isinstance(exc, _PROGRAMMING_ERRORS):
+        # An error raised while handling another one (no ``from``) is judged by that one, except a bug:
+        # a KeyError in an ``except ConnectionError`` block must fail (and dead-letter), not retry forever.
+        cause = exc.__context__
     if cause is not None and cause is not exc:
         return is_transient(cause)
     return False

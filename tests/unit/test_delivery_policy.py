@@ -238,3 +238,37 @@ def test_an_event_of_the_wrong_contract_is_dead_lettered_at_once_not_retried() -
     assert calls == ["s"]
     (letter,) = broker.events(DEADLETTER)
     assert "consumes TileShard" in letter.error and letter.attempts == 1
+
+
+def test_a_bug_raised_while_handling_an_outage_is_not_mistaken_for_the_outage() -> None:
+    from wsitk.shared.errors import is_transient
+
+    def bug_during_outage() -> None:
+        try:
+            raise ConnectionError("S3 unreachable")
+        except ConnectionError:
+            topics: dict[str, int] = {}
+            topics["missing-topic"]  # a programming error in the except block
+
+    def wrapped_outage() -> None:
+        try:
+            raise ConnectionError("S3 unreachable")
+        except ConnectionError as exc:
+            raise RuntimeError("fetch failed") from exc
+
+    for fn, transient in ((bug_during_outage, False), (wrapped_outage, True)):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the exception under test
+            assert is_transient(exc) is transient, fn.__name__
+
+    broker = MemoryBroker()
+    broker.publish([_ingested("s")])
+
+    def handler(_message: Incoming) -> list[Outgoing]:
+        bug_during_outage()
+        return []
+
+    runner = MemoryRunner(_spec(handler), broker, max_attempts=2)
+    runner.drain()
+    assert len(broker.records(DEADLETTER)) == 1 and runner.waits == []
