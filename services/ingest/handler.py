@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
 from wsitk.services.ingest.multifile import MultiFileIngest, is_bundle_of
@@ -37,6 +37,9 @@ from wsitk.shared.logging import get_logger
 from wsitk.shared.slides.bundle import remove_unpacked
 from wsitk.shared.slides.dicom import dicom_identity, pseudonymised_dicom_source
 from wsitk.shared.topics import SLIDES_REJECTED
+
+if TYPE_CHECKING:
+    from wsitk.shared.slides.reader import SlideInfo
 
 SERVICE = "ingest"
 MAX_KEY_BYTES = 1024
@@ -84,9 +87,25 @@ def parse_bucket_event(value: bytes) -> list[UploadNotice]:
     return notices
 
 
+@dataclass(frozen=True)
+class Inspected:
+    """What the isolated child found in a slide that passed every check (it crosses the process boundary)."""
+
+    info: SlideInfo
+    dicom: dict[str, str] | None  # the DICOM UIDs (``DicomSource``'s fields), None for other formats
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why the isolated child refused the slide: a reason code and a sentence a person can act on."""
+
+    code: str
+    reason: str
+
+
 def _inspect_in_child(
     path: str, max_pixels: int, mpp_override: float, slide_mpp_override: float = 0.0
-) -> dict[str, Any]:
+) -> Inspected | Rejected:
     """Runs in the isolated child: open + validate with OpenSlide 4; returns metadata or a rejection."""
     from wsitk.shared.slides.bundle import BundleRejected, openable
     from wsitk.shared.slides.reader import SlideRejected, inspect_slide
@@ -100,31 +119,35 @@ def _inspect_in_child(
             slide_mpp_override=slide_mpp_override,
         )
     except (SlideRejected, BundleRejected) as exc:
-        return {"rejected": True, "code": exc.code, "reason": exc.reason}
-    return {
-        "dicom": dicom_identity(slide_path),
-        "rejected": False,
-        "vendor": info.vendor,
-        "width": info.width,
-        "height": info.height,
-        "levels": [
-            {
-                "width": lv.width,
-                "height": lv.height,
-                "downsample": lv.downsample,
-                "tile_width": lv.tile_width,
-                "tile_height": lv.tile_height,
-            }
+        return Rejected(exc.code, exc.reason)
+    return Inspected(info, dicom_identity(slide_path))
+
+
+def slide_metadata(info: SlideInfo, source_files: int = 0) -> pb.SlideMetadata:
+    """The event's ``SlideMetadata`` from what the reader found (``source_files``: 0 for one file)."""
+    return pb.SlideMetadata(
+        vendor=info.vendor,
+        width=info.width,
+        height=info.height,
+        levels=[
+            pb.SlideLevel(
+                width=lv.width,
+                height=lv.height,
+                downsample=lv.downsample,
+                tile_width=lv.tile_width,
+                tile_height=lv.tile_height,
+            )
             for lv in info.levels
         ],
-        "mpp_x": info.mpp_x,
-        "mpp_y": info.mpp_y,
-        "mpp_source": info.mpp_source,
-        "objective_power": info.objective_power or 0.0,
-        "has_icc_profile": info.has_icc_profile,
-        "associated_images": list(info.associated_images),
-        "file_size": info.file_size,
-    }
+        mpp_x=info.mpp_x,
+        mpp_y=info.mpp_y,
+        mpp_source=info.mpp_source,
+        objective_power=info.objective_power or 0.0,
+        has_icc_profile=info.has_icc_profile,
+        associated_images=list(info.associated_images),
+        file_size=info.file_size,
+        source_files=source_files,
+    )
 
 
 class IngestHandler:
@@ -205,28 +228,15 @@ class IngestHandler:
         finally:
             path.unlink(missing_ok=True)  # tiler fetches by checksum; ingest keeps no copy
             remove_unpacked(path)
-        if result["rejected"]:
-            reason = scrub_local_paths(str(result["reason"]), {str(path): notice.key, path.name: notice.key})
-            return [self._rejected(slide_id, notice, source, str(result["code"]), reason)]
+        if isinstance(result, Rejected):
+            reason = scrub_local_paths(result.reason, {str(path): notice.key, path.name: notice.key})
+            return [self._rejected(slide_id, notice, source, result.code, reason)]
         profile = self.ctx.current_profile(slide_mpp_override=slide_mpp.mpp if slide_mpp is not None else 0.0)
-        metadata = pb.SlideMetadata(
-            vendor=result["vendor"],
-            width=result["width"],
-            height=result["height"],
-            levels=[pb.SlideLevel(**level) for level in result["levels"]],
-            mpp_x=result["mpp_x"],
-            mpp_y=result["mpp_y"],
-            mpp_source=result["mpp_source"],
-            objective_power=result["objective_power"],
-            has_icc_profile=result["has_icc_profile"],
-            associated_images=result["associated_images"],
-            file_size=result["file_size"],
-            source_files=source_files,
-        )
-        if dicom is None and result.get("dicom"):  # a zip of a DICOM series uploaded as one object
+        metadata = slide_metadata(result.info, source_files)
+        if dicom is None and result.dicom:  # a zip of a DICOM series uploaded as one object
             # (or, re-announced by the reconciler, a bundle ingest made: its UIDs are pseudonymised already)
             uid_key = "" if is_bundle_of(settings, notice) else settings.dicom_uid_secret()
-            dicom = pseudonymised_dicom_source(result["dicom"], uid_key)
+            dicom = pseudonymised_dicom_source(result.dicom, uid_key)
         if dicom is not None:
             metadata.dicom.CopyFrom(dicom)
         ingested = build_slide_ingested(

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,19 +68,25 @@ def shard_id_for(index: int) -> str:
     return f"s{index:05d}"
 
 
-def tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dict[str, Any]:
-    """Runs in the isolated child. Writes shard files + mask files into ``out_dir``; returns the plan.
+@dataclass(frozen=True)
+class TilingRejected:
+    """The isolated child's answer for a slide that cannot be tiled as profiled (exceptions with extra
+    fields do not cross the process boundary intact)."""
 
-    A slide that cannot be tiled as profiled comes back as ``{"rejected": code, "reason": ...}``
-    (exceptions with extra fields do not cross the process boundary intact).
-    """
+    code: str
+    reason: str
+
+
+def tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dict[str, Any] | TilingRejected:
+    """Runs in the isolated child. Writes shard files + mask files into ``out_dir``; returns the plan (the
+    JSON document stored as the run's manifest), or why the slide cannot be tiled."""
     from wsitk.shared.slides.bundle import openable
     from wsitk.shared.slides.reader import SlideRejected
 
     try:  # a multi-file slide (DICOM series, MIRAX) comes as a zip: unpacked once beside the cached file
         return _tile_slide(str(openable(Path(path))), profile_json, out_dir, slide_id)
     except SlideRejected as exc:
-        return {"rejected": exc.code, "reason": exc.reason}
+        return TilingRejected(exc.code, exc.reason)
 
 
 def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dict[str, Any]:
@@ -330,8 +337,8 @@ class TilerHandler:
                         child.result(timeout=EARLY_POLL_S)
             finally:
                 plan = child.result()  # also after a failed publish: the work dir is the child's until then
-            if "rejected" in plan:
-                raise SlideUntileable(plan["rejected"], plan["reason"])
+            if isinstance(plan, TilingRejected):
+                raise SlideUntileable(plan.code, plan.reason)
             refs = dict(early.refs)
             for shard in plan["shards"]:
                 if shard["shard_id"] not in refs:

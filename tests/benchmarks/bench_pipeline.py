@@ -156,6 +156,7 @@ def run_inprocess(slides: list[Path], models: Path, workdir: Path) -> dict[str, 
                 out = scratch / slide_id
                 out.mkdir()
                 plan = tile_slide(str(slide), json_format.MessageToJson(profile), str(out), slide_id)
+                assert isinstance(plan, dict), plan
                 shard_keys = []
                 for shard in plan["shards"]:
                     key = f"tiles/{slide_id}/bench/{shard['shard_id']}.shard"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from wsitk.services.ingest.handler import _inspect_in_child
+from wsitk.services.ingest.handler import Inspected, Rejected, _inspect_in_child
 from wsitk.services.ingest.multifile import Part, group_upload_key, mirax_group, missing_parts
 from wsitk.shared.contracts import pb
 from wsitk.shared.interop.dicom_results import SlideContext, parametric_map, structured_report, to_bytes
@@ -128,8 +128,8 @@ def test_deidentified_bundle_opens_as_the_same_slide_without_phi(
         expected = np.asarray(original.read_region((600, 400), 0, (256, 256)).convert("RGB"), np.int16)
         assert np.abs(region - expected).mean() < 6  # one more JPEG generation
     result = _inspect_in_child(str(bundle), 10**10, 0.0)
-    assert not result["rejected"] and result["width"] == 1600
-    assert result["dicom"]["series_instance_uid"] == pseudonymise_uid(dicom.series_uid, "hospital-key")
+    assert isinstance(result, Inspected) and result.info.width == 1600 and result.dicom is not None
+    assert result.dicom["series_instance_uid"] == pseudonymise_uid(dicom.series_uid, "hospital-key")
 
 
 def test_a_zip_of_a_series_is_a_slide_and_unsafe_zips_are_refused(
@@ -141,9 +141,9 @@ def test_a_zip_of_a_series_is_a_slide_and_unsafe_zips_are_refused(
         for path in dicom.files:
             archive.write(path, f"series/{path.name}")
     result = _inspect_in_child(str(upload), 10**10, 0.0)
-    assert not result["rejected"], result
-    assert result["vendor"] == "dicom" and (result["width"], result["height"]) == (1600, 1200)
-    assert result["dicom"]["study_instance_uid"] == dicom.study_uid
+    assert isinstance(result, Inspected), result
+    assert result.info.vendor == "dicom" and (result.info.width, result.info.height) == (1600, 1200)
+    assert result.dicom is not None and result.dicom["study_instance_uid"] == dicom.study_uid
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as archive:
         archive.writestr("../escape.dcm", b"x")
@@ -155,7 +155,7 @@ def test_a_zip_of_a_series_is_a_slide_and_unsafe_zips_are_refused(
         archive.writestr("a.txt", b"a")
         archive.writestr("b.txt", b"b")
     rejected = _inspect_in_child(str(text_only), 10**10, 0.0)
-    assert rejected["rejected"] and rejected["code"] == "unsupported-format"
+    assert isinstance(rejected, Rejected) and rejected.code == "unsupported-format"
 
 
 def test_mirax_is_complete_when_every_file_its_index_names_is_there() -> None:

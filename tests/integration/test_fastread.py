@@ -263,6 +263,7 @@ def test_tiler_passes_stored_tiles_through_and_encodes_the_rest(tmp_path: Path) 
     """The real RGB-coded Aperio scan at its own 240 px tiles: interior tiles are its bytes, edges re-encoded."""
     profile = pb.PipelineProfile(target_mpp=0.5, tile_size=240, tiles_per_shard=500, min_tissue_fraction=0.25)
     plan = tile_slide(str(REAL_SCAN), json_format.MessageToJson(profile), str(tmp_path), "cmu")
+    assert isinstance(plan, dict), plan
     assert plan["reader"] == "libjpeg-turbo" and not plan["resampled"]
     assert plan["tile_mpp"] == pytest.approx(0.499) and plan["mpp_tolerance"] == 0.02
     assert 0 < plan["tiles_passed_through"] < plan["total_tiles"]  # edge tiles are painted and encoded

@@ -52,6 +52,7 @@ def cmu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("cmu")
     profile = pb.PipelineProfile(target_mpp=0.5, tile_size=224, tiles_per_shard=64, min_tissue_fraction=0.25)
     plan = tile_slide(str(CMU), json_format.MessageToJson(profile), str(out), "cmu")
+    assert isinstance(plan, dict), plan
     assert "rejected" not in plan, plan
     return plan, out
 
@@ -259,6 +260,7 @@ def test_a_slide_made_of_real_tiles(tmp_path: Path) -> None:
     )
     profile = pb.PipelineProfile(target_mpp=0.5, tile_size=224, tiles_per_shard=64, min_tissue_fraction=0.25)
     plan = tile_slide(str(path), json_format.MessageToJson(profile), str(tmp_path), "mosaic")
+    assert isinstance(plan, dict), plan
     assert plan["level0_mpp"] == pytest.approx(0.25) and plan["reader"] == "libjpeg-turbo", plan
     mask = np.load(tmp_path / "mask.npy")
     per_cell = width / mask.shape[1]

@@ -33,6 +33,7 @@ def tiles_of(path: Path, work: Path) -> tuple[dict, list[np.ndarray]]:
     profile = pb.PipelineProfile(target_mpp=0.5, tile_size=224, tiles_per_shard=64, min_tissue_fraction=0.9)
     work.mkdir()
     plan = tile_slide(str(path), json_format.MessageToJson(profile), str(work), "scale-test")
+    assert isinstance(plan, dict), plan
     tiles = []
     for shard in plan["shards"][:2]:
         data = Shard((work / f"{shard['shard_id']}.shard").read_bytes())
