@@ -9,7 +9,6 @@ back a reference to what is stored, not to what it just computed.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Protocol
 
 from wsitk.shared.config import Settings
 from wsitk.shared.errors import PermanentError
+from wsitk.shared.hashing import sha256_bytes, sha256_file
 
 SHA_META = "sha256"  # stored as x-amz-meta-sha256 on S3, in a sidecar on the filesystem
 
@@ -34,18 +34,6 @@ class StoredObject:
     sha256: str
     etag: str = ""
     version_id: str = ""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_key(key: str) -> str:

@@ -31,6 +31,7 @@ from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import deterministic_id, new_meta, pb
 from wsitk.shared.corrections import lookup_override
+from wsitk.shared.db import intake
 from wsitk.shared.errors import PermanentError, scrub_local_paths
 from wsitk.shared.isolation import IsolatedRunner
 from wsitk.shared.logging import get_logger
@@ -261,10 +262,7 @@ class IngestHandler:
         return [ingested]
 
     def _known_under_other_key(self, slide_id: str, key: str) -> bool:
-        rows = self.ctx.db.execute(
-            "SELECT 1 FROM slide_sources WHERE slide_id = %s AND upload_key <> %s LIMIT 1", (slide_id, key)
-        )
-        return bool(rows)
+        return intake.known_under_other_key(self.ctx.db, slide_id, key)
 
     def _rejected(
         self, slide_id: str, notice: UploadNotice, source: pb.ObjectRef | None, code: str, reason: str

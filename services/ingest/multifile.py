@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from psycopg.types.json import Jsonb
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import pb
+from wsitk.shared.db import intake
 from wsitk.shared.logging import get_logger
 from wsitk.shared.objectstore import StoredObject, sha256_file
 from wsitk.shared.slides.bundle import write_bundle
@@ -170,12 +170,9 @@ class MultiFileIngest:
     # -- routing ------------------------------------------------------------------------------------
     def route(self, notice: UploadNotice, stored: StoredObject) -> list[Outgoing] | None:
         """Outputs when ``notice`` is a file of a multi-file slide, None when it is a slide of its own."""
-        known = self.ctx.db.execute(
-            "SELECT group_key FROM upload_group_parts WHERE bucket = %s AND object_key = %s AND etag = %s",
-            (notice.bucket, notice.key, stored.etag),
-        )
-        if known:
-            return self.evaluate(notice.bucket, known[0][0])
+        known = intake.group_of_file(self.ctx.db, notice.bucket, notice.key, stored.etag)
+        if known is not None:
+            return self.evaluate(notice.bucket, known)
         mirax = mirax_group(notice.key)
         path, digest = self.ctx.cache.fetch(
             self.ctx.store, notice.bucket, notice.key, version_id=stored.version_id, etag=stored.etag
@@ -207,41 +204,20 @@ class MultiFileIngest:
         group: str,
         detail: dict[str, Any],
     ) -> list[Outgoing]:
-        with self.ctx.db.transaction() as conn, conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO upload_groups (bucket, group_key, kind) VALUES (%s, %s, %s) "
-                "ON CONFLICT (bucket, group_key) DO UPDATE SET last_part_at = now()",
-                (notice.bucket, group, kind),
-            )
-            cur.execute(
-                "INSERT INTO upload_group_parts (bucket, group_key, object_key, etag, size, sha256, detail) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (bucket, group_key, object_key) DO UPDATE SET "
-                "etag = EXCLUDED.etag, size = EXCLUDED.size, sha256 = EXCLUDED.sha256, detail = EXCLUDED.detail, "
-                "seen_at = now()",
-                (notice.bucket, group, notice.key, stored.etag, stored.size, digest, Jsonb(detail)),
-            )
+        intake.record_group_file(
+            self.ctx.db, notice.bucket, group, kind, (notice.key, stored.etag, stored.size, digest, detail)
+        )
         log.info("file of a multi-file slide recorded", kind=kind, upload_key=notice.key)
         return self.evaluate(notice.bucket, group)
 
     # -- deciding -------------------------------------------------------------------------------------
     def _group(self, bucket: str, group: str) -> tuple[str, str, float, float, list[Part]] | None:
-        rows = self.ctx.db.execute(
-            "SELECT kind, state, extract(epoch FROM now() - first_seen_at), extract(epoch FROM now() - last_part_at) "
-            "FROM upload_groups WHERE bucket = %s AND group_key = %s",
-            (bucket, group),
-        )
-        if not rows:
+        found = intake.group_state(self.ctx.db, bucket, group)
+        if found is None:
             return None
-        kind, state, age_s, quiet_s = rows[0]
-        parts = [
-            Part(key, etag, int(size), sha, dict(detail))
-            for key, etag, size, sha, detail in self.ctx.db.execute(
-                "SELECT object_key, etag, size, sha256, detail FROM upload_group_parts "
-                "WHERE bucket = %s AND group_key = %s ORDER BY object_key",
-                (bucket, group),
-            )
-        ]
-        return str(kind), str(state), float(age_s), float(quiet_s), parts
+        kind, state, age_s, quiet_s = found
+        parts = [Part(*row) for row in intake.group_files(self.ctx.db, bucket, group)]
+        return kind, state, age_s, quiet_s, parts
 
     def evaluate(self, bucket: str, group: str) -> list[Outgoing]:
         found = self._group(bucket, group)
@@ -282,10 +258,7 @@ class MultiFileIngest:
         # the group key holds the Series Instance UID as uploaded: only a digest of it goes into the event
         notice = UploadNotice(bucket, upload_key, 0, hashlib.sha256(group.encode()).hexdigest()[:32], "")
         outgoing = self.handler._rejected("", notice, None, "incomplete-series", reason)
-        self.ctx.db.execute(
-            "UPDATE upload_groups SET state = 'rejected', reason = %s WHERE bucket = %s AND group_key = %s",
-            (reason, bucket, group),
-        )
+        intake.reject_group(self.ctx.db, bucket, group, reason)
         return [outgoing]
 
     # -- assembling -----------------------------------------------------------------------------------
@@ -355,10 +328,7 @@ class MultiFileIngest:
             notice, cached, digest, source, dicom=dicom, source_files=len(parts)
         )
         state = "rejected" if any(o.topic != "wsi.slides.ingested" for o in outputs) else "ingested"
-        self.ctx.db.execute(
-            "UPDATE upload_groups SET state = %s, slide_id = %s WHERE bucket = %s AND group_key = %s",
-            (state, slide_id, bucket, group),
-        )
+        intake.settle_group(self.ctx.db, bucket, group, state, slide_id)
         log.info(
             "multi-file slide assembled", kind=kind, slide_id=slide_id, group_files=len(parts), state=state
         )
@@ -371,25 +341,13 @@ def check_groups(ctx: ServiceContext, produce: Any) -> int:
     from wsitk.shared.topics import BUCKET_EVENTS
 
     settings = ctx.settings
-    rows = ctx.db.execute(
-        "SELECT g.bucket, g.group_key, g.kind, extract(epoch FROM now() - g.first_seen_at), "
-        "extract(epoch FROM now() - g.last_part_at) FROM upload_groups g "
-        "WHERE g.state = 'pending' AND g.last_part_at < now() - make_interval(secs => %s)",
-        (settings.multifile_settle_s,),
-    )
+    rows = intake.groups_due(ctx.db, settings.multifile_settle_s)
     outputs = []
-    for bucket, group, kind, age_s, _quiet_s in rows:
-        parts = [
-            Part(key, etag, int(size), sha, dict(detail))
-            for key, etag, size, sha, detail in ctx.db.execute(
-                "SELECT object_key, etag, size, sha256, detail FROM upload_group_parts "
-                "WHERE bucket = %s AND group_key = %s ORDER BY seen_at DESC, object_key",
-                (bucket, group),
-            )
-        ]
+    for bucket, group, kind, age_s in rows:
+        parts = [Part(*row) for row in intake.group_files(ctx.db, bucket, group, newest_first=True)]
         if not parts:
             continue
-        if missing_parts(str(kind), str(group), parts) and float(age_s) < settings.multifile_timeout_s:
+        if missing_parts(kind, group, parts) and age_s < settings.multifile_timeout_s:
             continue
         newest = parts[0]
         outputs.append(

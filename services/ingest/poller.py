@@ -21,11 +21,10 @@ from wsitk.shared.announce import make_bucket_event
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.corrections import reannounce_reprocessed
+from wsitk.shared.db import intake
 from wsitk.shared.logging import get_logger
 from wsitk.shared.topics import BUCKET_EVENTS
 
-POLLER_LOCK_ID = 0x57_53_49_01  # "WSI" + 1
-TERMINAL_STATUSES = ("predicted", "rejected", "failed", "no_tissue")
 log = get_logger()
 
 Produce = Callable[[list[Outgoing]], None]
@@ -34,15 +33,9 @@ Produce = Callable[[list[Outgoing]], None]
 def poll_bucket(ctx: ServiceContext, produce: Produce, limit: int = 500) -> int:
     """Announce new uploads; returns how many were announced."""
     bucket = ctx.settings.uploads_bucket
-    (locked,) = ctx.db.execute("SELECT pg_try_advisory_lock(%s)", (POLLER_LOCK_ID,))[0]
-    if not locked:
+    if not intake.try_poller_lock(ctx.db):
         return 0
-    seen = {
-        (k, e)
-        for k, e in ctx.db.execute(
-            "SELECT object_key, etag FROM poller_seen_objects WHERE bucket = %s", (bucket,)
-        )
-    }
+    seen = intake.announced_uploads(ctx.db, bucket)
     fresh = []
     for obj in ctx.store.list_keys(bucket):
         if (obj.key, obj.etag) not in seen:
@@ -57,32 +50,14 @@ def poll_bucket(ctx: ServiceContext, produce: Produce, limit: int = 500) -> int:
             for o in fresh
         ]
     )
-    with ctx.db.transaction() as conn, conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO poller_seen_objects (bucket, object_key, etag) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-            [(bucket, o.key, o.etag) for o in fresh],
-        )
+    intake.record_announced(ctx.db, bucket, [(o.key, o.etag) for o in fresh])
     log.info("bucket poller announced uploads", count=len(fresh))
     return len(fresh)
 
 
 def reconcile(ctx: ServiceContext, produce: Produce, stalled_after_s: float) -> int:
     """Re-announce unfinished slides and announced-but-never-ingested uploads. Returns the count."""
-    rows = ctx.db.execute(
-        """
-        SELECT DISTINCT ON (s.slide_id) src.bucket, src.upload_key, src.etag, s.slide_id,
-               coalesce(r.origin = 'reprocess', false)
-        FROM slides s JOIN slide_sources src ON src.slide_id = s.slide_id
-        LEFT JOIN slide_runs r ON r.slide_id = s.slide_id AND r.tiling_run_id = s.tiling_run_id
-        WHERE s.status <> ALL(%s) AND s.updated_at < now() - make_interval(secs => %s)
-        UNION
-        SELECT p.bucket, p.object_key, p.etag, NULL, false FROM poller_seen_objects p
-        WHERE p.seen_at < now() - make_interval(secs => %s)
-          AND NOT EXISTS (SELECT 1 FROM slide_sources src WHERE src.bucket = p.bucket AND src.upload_key = p.object_key)
-          AND NOT EXISTS (SELECT 1 FROM upload_group_parts g WHERE g.bucket = p.bucket AND g.object_key = p.object_key)
-        """,
-        (list(TERMINAL_STATUSES), stalled_after_s, stalled_after_s),
-    )
+    rows = intake.uploads_to_reannounce(ctx.db, stalled_after_s)
     outputs = []
     for bucket, key, _etag, slide_id, reprocessed in rows:
         if reprocessed:  # its current run is `wsi reprocess`'s profile, not the one ingest would pin

@@ -37,28 +37,19 @@ def rescore(
     predictions stay valid.
     """
     from wsitk.shared.contracts import pb
+    from wsitk.shared.db import scores
 
     scorer = MilScorer(ctx)
     version = version or ctx.models.active()
-    where = "scored_at IS NOT NULL" + (" AND slide_id = ANY(%s)" if slide_ids is not None else "")
-    rows = ctx.db.execute(
-        "SELECT DISTINCT ON (slide_id) slide_id, tiling_run_id, plan FROM scorer_plans "
-        f"WHERE {where} ORDER BY slide_id, scored_at DESC",
-        (slide_ids,) if slide_ids is not None else None,
-    )
-    found = {r[0] for r in rows}
+    runs = scores.scored_runs(ctx.db, slide_ids)
+    found = {slide_id for slide_id, _run_id, _plan in runs}
     results: list[dict[str, Any]] = [
         {"slide_id": s, "outcome": "not-scored", "reason": "no scored tiling run with stored embeddings"}
         for s in (slide_ids or [])
         if s not in found
     ]
-    for slide_id, run_id, plan_bytes in rows:
-        plan = pb.TilePlan.FromString(bytes(plan_bytes))
-        shard_rows = ctx.db.execute(
-            "SELECT shard_id, embedding FROM scorer_shards WHERE slide_id = %s AND tiling_run_id = %s",
-            (slide_id, run_id),
-        )
-        shards = {sid: pb.ShardEmbedding.FromString(bytes(data)) for sid, data in shard_rows}
+    for slide_id, run_id, plan in runs:
+        shards = scores.load_embeddings(ctx.db, slide_id, run_id)
         outputs = scorer.score(plan, [shards[s] for s in plan.shard_ids], version=version, origin="rescore")
         event = outputs[0].message if outputs else None
         if isinstance(event, pb.Prediction):

@@ -20,6 +20,7 @@ import numpy as np
 from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import deterministic_id, new_meta, pb
+from wsitk.shared.db import scores
 from wsitk.shared.errors import is_transient
 from wsitk.shared.keys import attention_key, explanations_prefix, object_ref, shard_key
 from wsitk.shared.logging import get_logger
@@ -47,49 +48,26 @@ class MilScorer:
             log.info("MIL model loaded", model_version=runner.model_version, backbone_id=runner.backbone_id)
         return runner, expected
 
-    # -- state -------------------------------------------------------------------------------------
+    # -- state (shared/db/scores.py) -----------------------------------------------------------------
     def on_plan(self, plan: pb.TilePlan) -> list[Outgoing]:
-        self.ctx.db.execute(
-            "INSERT INTO scorer_plans (slide_id, tiling_run_id, plan, shards_planned) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (slide_id, tiling_run_id) DO NOTHING",
-            (plan.meta.slide_id, plan.tiling_run_id, plan.SerializeToString(), len(plan.shard_ids)),
-        )
+        scores.save_plan(self.ctx.db, plan)
         return self.try_score(plan.meta.slide_id, plan.tiling_run_id)
 
     def on_embedding(self, embedding: pb.ShardEmbedding) -> list[Outgoing]:
-        self.ctx.db.execute(
-            "INSERT INTO scorer_shards (slide_id, tiling_run_id, shard_id, embedding) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (slide_id, tiling_run_id, shard_id) DO NOTHING",
-            (
-                embedding.meta.slide_id,
-                embedding.tiling_run_id,
-                embedding.shard_id,
-                embedding.SerializeToString(),
-            ),
-        )
+        scores.save_embedding(self.ctx.db, embedding)
         return self.try_score(embedding.meta.slide_id, embedding.tiling_run_id)
 
     def try_score(self, slide_id: str, run_id: str) -> list[Outgoing]:
-        rows = self.ctx.db.execute(
-            "SELECT plan FROM scorer_plans WHERE slide_id = %s AND tiling_run_id = %s", (slide_id, run_id)
-        )
-        if not rows:
+        plan = scores.load_plan(self.ctx.db, slide_id, run_id)
+        if plan is None:
             return []  # the plan has not arrived yet; the embedding waits in scorer_shards
-        plan = pb.TilePlan.FromString(bytes(rows[0][0]))
         if not plan.shard_ids:
             return []  # no tissue: the tiler already published that outcome
-        shard_rows = self.ctx.db.execute(
-            "SELECT shard_id, embedding FROM scorer_shards WHERE slide_id = %s AND tiling_run_id = %s",
-            (slide_id, run_id),
-        )
-        embeddings = {sid: pb.ShardEmbedding.FromString(bytes(data)) for sid, data in shard_rows}
+        embeddings = scores.load_embeddings(self.ctx.db, slide_id, run_id)
         if any(sid not in embeddings for sid in plan.shard_ids):
             return []
         outputs = self.score(plan, [embeddings[sid] for sid in plan.shard_ids])
-        self.ctx.db.execute(
-            "UPDATE scorer_plans SET scored_at = now() WHERE slide_id = %s AND tiling_run_id = %s",
-            (slide_id, run_id),
-        )
+        scores.mark_scored(self.ctx.db, slide_id, run_id)
         return outputs
 
     # -- scoring -----------------------------------------------------------------------------------

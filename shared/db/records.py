@@ -3,7 +3,8 @@
 Tables written here, by the recorder only: ``slides``, ``slide_sources``, ``slide_runs``,
 ``stage_progress``, ``qc_summaries``, ``predictions``, ``dead_letters``, ``audit_log`` (docs/design.md, "Tables and who
 may use them", lists who reads them). Each writer takes the batch's cursor: the recorder writes a batch
-of events in one transaction. ``stalled_slides`` is the one read the recorder makes (its deadlines).
+of events in one transaction. ``stalled_slides`` is the one read the recorder makes (its deadlines);
+``slide_statuses`` and ``upload_keys`` are what training reads (which slides, under which upload keys).
 """
 
 from __future__ import annotations
@@ -348,3 +349,22 @@ def stalled_slides(db: Database, deadline_s: float) -> list[tuple[str, str, str 
         (deadline_s,),
     )
     return [(str(r[0]), str(r[1]), r[2]) for r in rows]
+
+
+def slide_statuses(db: Database, slide_ids: list[str]) -> dict[str, str]:
+    """``{slide id: status}`` of those of ``slide_ids`` the recorder knows (``slides``)."""
+    rows = db.execute("SELECT slide_id, status FROM slides WHERE slide_id = ANY(%s)", (slide_ids,))
+    return {str(slide_id): str(status) for slide_id, status in rows}
+
+
+def upload_keys(db: Database, prefix: str = "") -> list[tuple[str, str]]:
+    """``(slide id, upload key)`` of every source upload (``slide_sources``), those under ``prefix`` only
+    when given: how a labels file's upload keys and file names become slide ids."""
+    if prefix:
+        rows = db.execute(
+            "SELECT slide_id, upload_key FROM slide_sources WHERE upload_key LIKE %s",
+            (prefix.replace("%", r"\%").replace("_", r"\_") + "%",),
+        )
+    else:
+        rows = db.execute("SELECT slide_id, upload_key FROM slide_sources")
+    return [(str(slide_id), str(key)) for slide_id, key in rows]

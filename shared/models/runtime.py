@@ -20,7 +20,6 @@ A third-party ONNX encoder works too once those metadata keys are added to it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ import onnxruntime as ort
 import structlog
 from PIL import Image
 from wsitk.shared.cpus import usable_cpus
+from wsitk.shared.hashing import sha256_file
 from wsitk.shared.models.ood import OodReference
 
 log = structlog.get_logger(__name__)
@@ -110,14 +110,6 @@ def read_model_metadata(session: ort.InferenceSession) -> dict[str, Any]:
         except json.JSONDecodeError:
             metadata[key] = raw
     return metadata
-
-
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _require_keys(metadata: Mapping[str, Any], keys: Sequence[str], path: Path, kind: str) -> None:
