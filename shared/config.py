@@ -117,6 +117,7 @@ class Settings(BaseSettings):
     infra_backoff_max_s: float = 30.0
     log_level: str = "INFO"
     lag_interval_s: float = 10.0  # how often each member exports the lag of the partitions it owns
+    probe_interval_s: float = 5.0  # how often each service checks PostgreSQL for /readyz
     replica: str = ""  # this process's instance name when a stage runs several (`wsi services up --replicas`)
     slide_deadline_s: int = 3600
     reconcile_interval_s: int = 300

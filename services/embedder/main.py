@@ -7,7 +7,6 @@ from wsitk.services.embedder.handler import SERVICE, EmbedderHandler
 from wsitk.shared.bus.runtime import ServiceSpec, run_service
 from wsitk.shared.config import Settings
 from wsitk.shared.context import ServiceContext
-from wsitk.shared.heap import return_large_blocks
 from wsitk.shared.topics import QC_RESULTS
 
 
@@ -29,5 +28,4 @@ def build(settings: Settings) -> ServiceSpec:
 
 
 def main(settings: Settings) -> int:
-    return_large_blocks()  # resident memory follows the bounded queues, not the process's history
     return run_service(build(settings), settings)

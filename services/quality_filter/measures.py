@@ -169,22 +169,31 @@ def colour_table(background: Background) -> tuple[NDArray[np.uint8], NDArray[np.
     key = _table_key(background)
     tables = _TABLES.pop(key, None)
     if tables is None:
-        levels = np.arange(256, dtype=np.uint8)
-        full = np.empty(1 << 24, dtype=np.uint8)
-        slab = np.empty((16, 256, 256, 3), dtype=np.uint8)
-        slab[..., 1] = levels[None, :, None]
-        slab[..., 2] = levels[None, None, :]
-        for red in range(0, 256, 16):
-            slab[..., 0] = levels[red : red + 16, None, None]
-            full[red << 16 : (red + 16) << 16] = colour_codes(slab, background).reshape(-1)
-        cells = full.reshape(32, 8, 32, 8, 32, 8)
-        lowest, highest = cells.min(axis=(1, 3, 5)), cells.max(axis=(1, 3, 5))
-        coarse = np.where(lowest == highest, lowest, MIXED_CELL).astype(np.uint8).reshape(-1)
-        tables = (full, coarse)
+        tables = _build_tables(background)
         while len(_TABLES) >= TABLES_KEPT:
             _TABLES.pop(next(iter(_TABLES)))
     _TABLES[key] = tables  # re-inserted: the most recently used is last
     return tables
+
+
+def _build_tables(background: Background) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+    """``colour_table``'s two tables, built one coarse cell's worth of red levels (8) at a time, half of
+    it per ``colour_codes`` call: the float temporaries stay about 12 MiB beside the 16 MiB table, so a
+    large slide's quality-filter peaks little above a small slide's (docs/throughput.md, memory)."""
+    levels = np.arange(256, dtype=np.uint8)
+    full = np.empty(1 << 24, dtype=np.uint8)
+    coarse = np.empty((32, 32, 32), dtype=np.uint8)
+    slab = np.empty((4, 256, 256, 3), dtype=np.uint8)
+    slab[..., 1] = levels[None, :, None]
+    slab[..., 2] = levels[None, None, :]
+    for red in range(0, 256, 4):
+        slab[..., 0] = levels[red : red + 4, None, None]
+        full[red << 16 : (red + 4) << 16] = colour_codes(slab, background).reshape(-1)
+        if red % 8 == 4:  # one coarse row of cells complete: red levels red-4 .. red+3
+            cells = full[(red - 4) << 16 : (red + 4) << 16].reshape(8, 32, 8, 32, 8)
+            lowest, highest = cells.min(axis=(0, 2, 4)), cells.max(axis=(0, 2, 4))
+            coarse[red // 8] = np.where(lowest == highest, lowest, MIXED_CELL)
+    return full, coarse.reshape(-1)
 
 
 def _codes_of(half: ImageArray, background: Background, use_table: bool | None) -> NDArray[np.uint8]:

@@ -58,6 +58,10 @@ _TISSUE_COLOUR = [0, 160, 80]
 #: in memory is bounded by this, whatever the slide's size (a 16 x 16 mm area at 4 um/px, or a
 #: 50 x 50 mm one at 24 um/px, still about 4.6 px across a 0.5 um/px, 224 px tile).
 MAX_MASK_PIXELS = 1 << 22
+#: Level pixels per side of one region read for the thumbnail. Each read holds the region as RGBA twice
+#: (OpenSlide's buffer and its array) and as RGB once: about 12 MiB at 1024 px, four times that at 2048.
+#: The thumbnail does not depend on it (regions are resized with their exact boxes).
+THUMBNAIL_CHUNK_PX = 1024
 #: How far around detected ink the mask also leaves out (micrometres).
 INK_MARGIN_UM = 12.0
 
@@ -89,11 +93,16 @@ def composite_on_white(rgba: NDArray[np.uint8]) -> ImageArray:
     """RGB from OpenSlide's RGBA: transparent (outside the scanned area, past the edge) becomes white."""
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]
-    if bool((alpha == 255).all()):
+    partial = alpha != 255
+    if not bool(partial.any()):
         return np.ascontiguousarray(rgb)
-    weight = alpha.astype(np.float32)[..., None] / 255.0
-    blended = rgb.astype(np.float32) * weight + 255.0 * (1.0 - weight)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    # Only the pixels that are not fully opaque are blended (in float): an opaque pixel is its own RGB,
+    # and a region read at the scan's edge is mostly opaque, so no float copy of the whole region is made.
+    out = np.array(rgb, dtype=np.uint8, order="C")
+    weight = alpha[partial].astype(np.float32)[:, None] / 255.0
+    blended = out[partial].astype(np.float32) * weight + 255.0 * (1.0 - weight)
+    out[partial] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def best_level_for_downsample(level_downsamples: list[float], downsample: float) -> int:
@@ -123,7 +132,7 @@ def _source_span(
 
 
 def read_thumbnail(
-    slide: openslide.OpenSlide, *, width: int, height: int, chunk_px: int = 2048
+    slide: openslide.OpenSlide, *, width: int, height: int, chunk_px: int = THUMBNAIL_CHUNK_PX
 ) -> tuple[ImageArray, int]:
     """The whole slide as an RGB image of ``width`` x ``height``, read block by block.
 
@@ -136,7 +145,7 @@ def read_thumbnail(
 
 
 def read_thumbnail_with_coverage(
-    slide: openslide.OpenSlide, *, width: int, height: int, chunk_px: int = 2048
+    slide: openslide.OpenSlide, *, width: int, height: int, chunk_px: int = THUMBNAIL_CHUNK_PX
 ) -> tuple[ImageArray, BoolArray, int]:
     """``read_thumbnail`` plus which thumbnail pixels were scanned (at least half opaque)."""
     from PIL import Image
@@ -200,10 +209,23 @@ def _small_components(mask: BoolArray, max_pixels: float) -> BoolArray:
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
         return np.zeros_like(mask)
-    sizes = np.bincount(labels.ravel())
+    sizes = _label_sizes(labels, count)
     small = sizes < max_pixels
     small[0] = False
     return np.asarray(small[labels], dtype=bool)
+
+
+#: Rows of a label image counted at a time by ``_label_sizes``.
+LABEL_BAND_ROWS = 256
+
+
+def _label_sizes(labels: NDArray[np.int32], count: int) -> NDArray[np.int64]:
+    """Pixels per label 0..count, counted band by band: ``np.bincount`` of the whole image would first
+    copy the int32 labels to int64, twice the label image again (32 MiB on a 2048 x 2048 mask)."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for start in range(0, labels.shape[0], LABEL_BAND_ROWS):
+        sizes += np.bincount(labels[start : start + LABEL_BAND_ROWS].ravel(), minlength=count + 1)
+    return sizes
 
 
 def _connected_to(candidates: BoolArray, seeds: BoolArray) -> BoolArray:
@@ -235,7 +257,7 @@ def _faint_regions(strong: BoolArray, faint: BoolArray, *, max_ratio: float, min
     strong_labels, strong_count = ndimage.label(strong, structure=eight)
     if strong_count == 0:
         return np.zeros_like(strong)
-    strong_sizes = np.bincount(strong_labels.ravel(), minlength=strong_count + 1).astype(np.float64)
+    strong_sizes = _label_sizes(strong_labels, strong_count).astype(np.float64)
     reach = ndimage.grey_dilation(strong_labels, size=(5, 5))  # the strong label within two pixels
     del strong_labels
     faint_labels, faint_count = ndimage.label(faint, structure=eight)
@@ -243,7 +265,7 @@ def _faint_regions(strong: BoolArray, faint: BoolArray, *, max_ratio: float, min
     pairs = np.unique(np.stack([faint_labels[overlap], reach[overlap]]), axis=1)
     touched_area = np.zeros(faint_count + 1, dtype=np.float64)
     np.add.at(touched_area, pairs[0], strong_sizes[pairs[1]])
-    faint_sizes = np.bincount(faint_labels.ravel(), minlength=faint_count + 1).astype(np.float64)
+    faint_sizes = _label_sizes(faint_labels, faint_count).astype(np.float64)
     keep = (touched_area > 0) & (faint_sizes <= max_ratio * np.maximum(touched_area, min_pixels))
     keep[0] = False
     return np.asarray(keep[faint_labels], dtype=bool)
@@ -351,7 +373,7 @@ def segment_tissue(
     min_mask_side: int = 256,
     max_mask_side: int = 4096,
     max_mask_pixels: int = MAX_MASK_PIXELS,
-    chunk_px: int = 2048,
+    chunk_px: int = THUMBNAIL_CHUNK_PX,
 ) -> TissueMask:
     """Segment the tissue of an open slide whose level-0 resolution is ``mpp0`` um/px.
 
@@ -487,8 +509,8 @@ def mask_to_geojson(
     from scipy import ndimage
 
     clean = _remove_pinches(mask)
-    labels, _ = ndimage.label(clean)
-    region_sizes = np.bincount(labels.ravel())
+    labels, count = ndimage.label(clean)
+    region_sizes = _label_sizes(labels, count)
     rings_by_region: dict[int, list[tuple[float, list[list[float]]]]] = {}
     for vertices, pixel in _trace_rings(clean):
         scaled = vertices.astype(np.float64) * np.asarray(downsample, dtype=np.float64)

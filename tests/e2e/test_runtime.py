@@ -284,6 +284,45 @@ def test_infrastructure_failures_are_retried_until_they_pass_and_never_dead_lett
     assert readiness[0] is True and False in readiness[1:]  # not ready while the outage lasted
 
 
+def test_readiness_follows_postgresql_even_with_no_messages_to_handle(stack: Any) -> None:
+    """An idle service (nothing on its topics) still says not-ready while PostgreSQL does not answer,
+    and ready again once it does: the probe runs on its own connection, not on the handlers' work."""
+    from wsitk.shared.db.connection import Database
+    from wsitk.shared.stack.procs import free_port
+
+    group = f"test-probe-{uuid.uuid4().hex[:8]}"
+    spec = ServiceSpec(name="test-service", topics=[TILE_SHARDS], handler=lambda m: [], group_id=group)
+    settings = stack.settings(
+        kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=1000, probe_interval_s=0.3
+    )
+    runtime = ServiceRuntime(spec, settings)
+    reachable_db = runtime._probe_db
+    phases: dict[str, list[bool]] = {"up": [], "down": [], "back": []}
+
+    def step() -> bool:
+        ready = runtime.ready()
+        if not phases["up"] or not phases["up"][-1]:
+            phases["up"].append(ready)
+            if ready:  # polling and PostgreSQL answers; now it "goes away": the probe dials a dead port
+                runtime._probe_db = Database(
+                    f"postgresql://x:y@127.0.0.1:{free_port()}/wsi", connect_timeout_s=1
+                )
+            return False
+        if not phases["down"] or phases["down"][-1]:
+            phases["down"].append(ready)
+            if not ready:
+                runtime._probe_db.close()
+                runtime._probe_db = reachable_db  # PostgreSQL is back
+            return False
+        phases["back"].append(ready)
+        return ready
+
+    asyncio.run(run_until(runtime, step, timeout_s=60))
+    assert phases["up"][-1] is True
+    assert phases["down"][-1] is False  # an idle service noticed the database was gone
+    assert phases["back"][-1] is True
+
+
 def test_a_service_process_serves_health_and_metrics_and_exits_0_on_sigterm(
     stack: Any, tmp_path: Any
 ) -> None:

@@ -63,3 +63,37 @@ def test_a_large_thumbnails_background_is_estimated_on_an_even_sample(
     assert sampled.white == pytest.approx(full.white, abs=1.0)
     assert sampled.tissue_blue_ratio == pytest.approx(full.tissue_blue_ratio, abs=0.02)
     assert sampled.noise_od == pytest.approx(full.noise_od, abs=0.005)
+
+
+def test_the_thumbnail_does_not_depend_on_the_size_of_the_regions_read(slide_path: Path) -> None:
+    with openslide.OpenSlide(str(slide_path)) as slide:
+        reference = tissue.read_thumbnail_with_coverage(slide, width=1000, height=750, chunk_px=4096)
+        for chunk_px in (tissue.THUMBNAIL_CHUNK_PX, 333):  # 333: blocks that do not divide the image
+            thumbnail, scanned, level = tissue.read_thumbnail_with_coverage(
+                slide, width=1000, height=750, chunk_px=chunk_px
+            )
+            np.testing.assert_array_equal(thumbnail, reference[0])
+            np.testing.assert_array_equal(scanned, reference[1])
+            assert level == reference[2]
+
+
+def test_compositing_blends_only_what_is_not_opaque_and_matches_the_formula() -> None:
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, size=(64, 48, 4), dtype=np.uint8)
+    rgba[:32, :, 3] = 255  # half the region fully opaque, half with every alpha
+    weight = rgba[..., 3:].astype(np.float32) / 255.0
+    expected = np.clip(np.rint(rgba[..., :3].astype(np.float32) * weight + 255.0 * (1.0 - weight)), 0, 255)
+    result = tissue.composite_on_white(rgba)
+    np.testing.assert_array_equal(result, expected.astype(np.uint8))
+    assert result.flags.c_contiguous and not np.shares_memory(result, rgba)
+    rgba[..., 3] = 0  # nothing scanned: white
+    assert (tissue.composite_on_white(rgba) == 255).all()
+
+
+def test_label_sizes_counted_in_bands_equal_one_bincount(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    labels, count = ndimage.label(rng.random((301, 257)) < 0.4, structure=np.ones((3, 3), dtype=bool))
+    monkeypatch.setattr(tissue, "LABEL_BAND_ROWS", 13)
+    np.testing.assert_array_equal(tissue._label_sizes(labels, count), np.bincount(labels.ravel()))
