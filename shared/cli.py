@@ -152,6 +152,13 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     init_defaults = model_sub.add_parser("init-defaults", help="build the default backbone and MIL model")
     init_defaults.add_argument("--model-dir", type=Path, default=None)
     init_defaults.add_argument("--seed", type=int, default=0)
+    init_defaults.add_argument(
+        "--encoder",
+        default="small-cnn",
+        choices=("small-cnn", "small-cnn-synth"),
+        help="small-cnn: random weights (default); small-cnn-synth: trained on separate synthetic slides "
+        "(about ten minutes)",
+    )
     init_defaults.set_defaults(handler=_lazy("wsitk.shared.ops", "cli_model"))
     export_backbone = model_sub.add_parser(
         "export-backbone",
@@ -206,7 +213,11 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def cli_run(args: argparse.Namespace) -> int:
     from wsitk.shared.config import load_settings
+    from wsitk.shared.heap import return_large_blocks
 
+    # Every service: resident memory follows its bounded queues, not the history of the process (the
+    # memory table in docs/throughput.md).
+    return_large_blocks()
     module = importlib.import_module(SERVICES[args.service])
     result: int = module.main(load_settings())
     return result

@@ -559,6 +559,6 @@ def cli_model(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     model_dir = args.model_dir or settings.model_dir
-    summary = init_default_models(Path(model_dir), seed=args.seed)
+    summary = init_default_models(Path(model_dir), seed=args.seed, encoder=args.encoder)
     print(json.dumps(summary, indent=2, default=str))
     return 0

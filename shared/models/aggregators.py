@@ -1,5 +1,5 @@
-"""Slide aggregators beside gated attention MIL (CLAM-SB, DSMIL), the registry that builds them by name, and
-fold ensembles.
+"""Slide aggregators beside gated attention MIL (CLAM-SB, DSMIL; TransMIL lives in ``transmil.py``), the
+registry that builds them by name, and fold ensembles.
 
 Every aggregator has the interface of ``mil.MilAggregator``: ``forward(features [N, D]) -> (logit [],
 attention [N])`` on raw embedder output (standardised inside by the ``feature_mean`` / ``feature_scale``
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 from wsitk.shared.models.mil import GatedAttentionMIL, MilAggregator, check_dropout, weighted_bce
+from wsitk.shared.models.transmil import TransMIL
 
 
 def _require_positive(**sizes: int) -> None:
@@ -182,6 +183,7 @@ AGGREGATORS: dict[str, type[MilAggregator]] = {
     "gated-attention": GatedAttentionMIL,
     "clam-sb": ClamSB,
     "dsmil": DSMIL,
+    "transmil": TransMIL,  # in transmil.py: a transformer over the bag, Nystrom attention
 }
 # names found in model metadata that mean a registry entry: exported gated attention models say this
 _ALIASES = {"gated-attention-mil": "gated-attention"}

@@ -17,6 +17,7 @@ from typing import Any, overload
 
 import numpy as np
 from wsitk.shared.contracts import pb
+from wsitk.shared.db import records, scores
 from wsitk.shared.db.connection import Database
 from wsitk.shared.models.labels import LabelsError
 from wsitk.shared.objectstore import ObjectStore
@@ -45,22 +46,6 @@ def _profile_dict(profile: pb.PipelineProfile) -> dict[str, Any]:
     }
 
 
-def _complete_runs(db: Database, slide_ids: Sequence[str]) -> dict[str, list[tuple[str, bytes]]]:
-    """``{slide: [(tiling run, plan bytes), newest first]}`` for runs whose every shard is embedded."""
-    rows = db.execute(
-        "SELECT p.slide_id, p.tiling_run_id, p.plan FROM scorer_plans p "
-        "WHERE p.slide_id = ANY(%s) AND p.shards_planned > 0 AND p.shards_planned = "
-        "(SELECT count(*) FROM scorer_shards s WHERE s.slide_id = p.slide_id "
-        " AND s.tiling_run_id = p.tiling_run_id) "
-        "ORDER BY p.received_at DESC",
-        (list(slide_ids),),
-    )
-    runs: dict[str, list[tuple[str, bytes]]] = {}
-    for slide_id, run_id, plan in rows:
-        runs.setdefault(slide_id, []).append((run_id, bytes(plan)))
-    return runs
-
-
 def load_bags(
     db: Database,
     store: ObjectStore,
@@ -71,7 +56,7 @@ def load_bags(
     progress: Callable[[str], object] | None = None,
 ) -> dict[str, Bag]:
     """One bag per slide id; a readable error names every slide that has no complete embedding set."""
-    runs = _complete_runs(db, slide_ids)
+    runs = scores.complete_runs(db, list(slide_ids))
     bags: dict[str, Bag] = {}
     missing: list[str] = []
     for index, slide_id in enumerate(slide_ids, start=1):
@@ -87,9 +72,7 @@ def load_bags(
         if progress is not None and (index % 10 == 0 or index == len(slide_ids)):
             progress(f"[bags] {index}/{len(slide_ids)} slides loaded")
     if missing:
-        statuses = dict(
-            db.execute("SELECT slide_id, status FROM slides WHERE slide_id = ANY(%s)", (missing,))
-        )
+        statuses = records.slide_statuses(db, missing)
         described = [f"{s[:12]}... ({statuses.get(s, 'unknown')})" for s in missing[:8]]
         raise LabelsError(
             f"{len(missing)} labelled slide(s) have no complete embeddings"
@@ -116,11 +99,7 @@ def _load_run(
     cache_dir: Path | None,
 ) -> Bag | None:
     plan = pb.TilePlan.FromString(plan_bytes)
-    shard_rows = db.execute(
-        "SELECT embedding FROM scorer_shards WHERE slide_id = %s AND tiling_run_id = %s ORDER BY shard_id",
-        (slide_id, run_id),
-    )
-    shards = [pb.ShardEmbedding.FromString(bytes(row[0])) for row in shard_rows]
+    shards = scores.embeddings_in_order(db, slide_id, run_id)
     used = {s.backbone_id for s in shards if s.tile_count}
     if not used or (backbone_id and used != {backbone_id}) or len(used) > 1:
         return None

@@ -34,8 +34,13 @@ import numpy as np
 
 if TYPE_CHECKING:
     from wsitk.shared.models.export import BackboneInfo
+    from wsitk.shared.models.synth_encoder import EncoderRecipe
 
 BACKBONE_FILE = "backbone-small-cnn.onnx"
+#: The default models' encoders: the random-weight baseline, or the same network trained on the tissue
+#: classes of separate synthetic slides (``synth_encoder.py``; for the hard benchmark).
+ENCODER_CHOICES = ("small-cnn", "small-cnn-synth")
+SYNTH_ENCODER_WEIGHTS = "encoder-small-cnn-synth.pt"
 MIL_FILE = "mil-default.onnx"
 MANIFEST_FILE = "models.json"
 RECIPE_VERSION = 2  # 2: the MIL model carries its out-of-distribution summary (ood.py)
@@ -189,19 +194,30 @@ def init_default_models(
     seed: int = 0,
     progress: Callable[[str], object] = print,
     recipe: DefaultModelRecipe | None = None,
+    encoder: str = "small-cnn",
+    encoder_recipe: EncoderRecipe | None = None,
 ) -> dict[str, Any]:
     """Build (or confirm) the default backbone and MIL model in ``model_dir``; returns the manifest.
 
     About 20 s on two CPU cores with the default recipe (measured: 18-19 s). ``recipe`` exists for tests (a tiny one
-    runs in seconds); the demo uses the default.
+    runs in seconds); the demo uses the default. ``encoder="small-cnn-synth"`` first trains the encoder on
+    separate synthetic slides (``synth_encoder.train_synth_encoder``, ``encoder_recipe``; about ten minutes
+    on two cores) unless its weights in ``model_dir`` were made by the same recipe and seed.
     """
-    from wsitk.shared.models.export import export_backbone, export_mil, state_dict_sha256
+    from wsitk.shared.models.export import export_mil, state_dict_sha256
     from wsitk.shared.models.mil import binary_auc, choose_threshold, predict_bags, train_mil
     from wsitk.shared.models.runtime import BackboneRunner
 
     recipe = recipe or DefaultModelRecipe()
     model_dir = Path(model_dir)
+    if encoder not in ENCODER_CHOICES:
+        raise ValueError(f"encoder {encoder!r} is not one of {', '.join(ENCODER_CHOICES)}")
     wanted = {"version": RECIPE_VERSION, "seed": seed, **asdict(recipe)}
+    if encoder != "small-cnn":  # the baseline's recipe stays as it was, so existing installs are kept
+        from wsitk.shared.models.synth_encoder import EncoderRecipe
+
+        wanted["encoder"] = encoder
+        wanted["encoder_recipe"] = asdict(encoder_recipe or EncoderRecipe())
     wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as the manifest stores them
     existing = load_manifest(model_dir)
     if existing is not None and _is_complete(model_dir, existing, wanted):
@@ -210,13 +226,8 @@ def init_default_models(
 
     started = time.perf_counter()
     model_dir.mkdir(parents=True, exist_ok=True)
-    progress(f"[models] exporting the small-cnn baseline encoder (random weights, seed {seed})")
-    backbone = export_backbone(
-        "small-cnn",
-        model_dir / BACKBONE_FILE,
-        input_size=recipe.input_size,
-        target_mpp=recipe.target_mpp,
-        seed=seed,
+    backbone_file, backbone, note = _export_encoder(
+        model_dir, encoder, seed, recipe, encoder_recipe, progress
     )
     progress(
         f"[models]   {backbone.backbone_id}: ONNX vs torch, max rel. difference {backbone.max_rel_diff:.1e}"
@@ -226,7 +237,7 @@ def init_default_models(
 
     tile_source = "wsitk.shared.slides.synth.render_patch"
     rng = np.random.default_rng(seed)
-    runner = BackboneRunner(model_dir / BACKBONE_FILE, prefer=("CPUExecutionProvider",))
+    runner = BackboneRunner(model_dir / backbone_file, prefer=("CPUExecutionProvider",))
     embedded: dict[str, dict[str, np.ndarray]] = {}
     for split, counts in (("train", recipe.train_pool), ("val", recipe.val_pool)):
         progress(f"[models] rendering and embedding {sum(counts)} synthetic {split} tiles ({tile_source})")
@@ -296,13 +307,14 @@ def init_default_models(
     manifest: dict[str, Any] = {
         "recipe": wanted,
         "backbone": {
-            "path": BACKBONE_FILE,
+            "path": backbone_file,
+            "encoder": encoder,
             "sha256": backbone.sha256,
             "backbone_id": backbone.backbone_id,
             "input_size": backbone.input_size,
             "target_mpp": backbone.target_mpp,
             "output_dim": backbone.output_dim,
-            "note": "baseline CNN with seeded random weights, not a pathology-pretrained encoder",
+            "note": note,
         },
         "mil": {
             "path": MIL_FILE,
@@ -315,5 +327,61 @@ def init_default_models(
         "training": training,
     }
     _atomic_write_text(model_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-    progress(f"[models] wrote {BACKBONE_FILE}, {MIL_FILE} and {MANIFEST_FILE} in {training['seconds']} s")
+    progress(f"[models] wrote {backbone_file}, {MIL_FILE} and {MANIFEST_FILE} in {training['seconds']} s")
     return manifest
+
+
+def _export_encoder(
+    model_dir: Path,
+    encoder: str,
+    seed: int,
+    recipe: DefaultModelRecipe,
+    encoder_recipe: EncoderRecipe | None,
+    progress: Callable[[str], object],
+) -> tuple[str, BackboneInfo, str]:
+    """Export the default models' encoder: (file name in ``model_dir``, its info, a note for the manifest)."""
+    from wsitk.shared.models.export import export_backbone
+    from wsitk.shared.models.synth_encoder import EncoderRecipe
+
+    backbone_file, weights = BACKBONE_FILE, None
+    if encoder == "small-cnn-synth":
+        backbone_file = "backbone-small-cnn-synth.onnx"
+        weights = _synth_encoder_weights(model_dir, seed, encoder_recipe or EncoderRecipe(), progress)
+        progress(f"[models] exporting the small-cnn-synth encoder ({weights.name})")
+        note = "small-cnn trained on tissue classes of separate synthetic slides; never saw real tissue"
+    else:
+        progress(f"[models] exporting the small-cnn baseline encoder (random weights, seed {seed})")
+        note = "baseline CNN with seeded random weights, not a pathology-pretrained encoder"
+    backbone = export_backbone(
+        "small-cnn",
+        model_dir / backbone_file,
+        weights=weights,
+        input_size=recipe.input_size,
+        target_mpp=recipe.target_mpp,
+        seed=seed,
+    )
+    return backbone_file, backbone, note
+
+
+def _synth_encoder_weights(
+    model_dir: Path, seed: int, recipe: EncoderRecipe, progress: Callable[[str], object]
+) -> Path:
+    """The trained ``small-cnn-synth`` weights in ``model_dir``: kept when their report names this recipe
+    and seed, trained (about ten minutes on two cores with the default recipe) otherwise."""
+    from wsitk.shared.models.synth_encoder import train_synth_encoder
+
+    weights = model_dir / SYNTH_ENCODER_WEIGHTS
+    try:
+        report = json.loads(weights.with_suffix(".json").read_text())
+        if (
+            weights.is_file()
+            and report.get("seed") == seed
+            and report.get("recipe") == json.loads(json.dumps(asdict(recipe)))
+        ):
+            progress(f"[models] {weights.name} was trained with this recipe; reusing it")
+            return weights
+    except (OSError, json.JSONDecodeError):
+        pass
+    progress("[models] training the small-cnn-synth encoder on separate synthetic slides")
+    train_synth_encoder(weights, seed=seed, recipe=recipe, progress=progress)
+    return weights

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from wsitk.shared.models.by_site import add_site_breakdown
 from wsitk.shared.models.labels import LabelsError
 from wsitk.shared.models.tile_rule import DEFAULT_MAX_TILES, dropped_tiles, tiles_to_score
 from wsitk.shared.models.tile_rule import RULE as TILE_RULE
@@ -48,6 +50,22 @@ LIMITATIONS = (
 )
 
 
+def _other_tasks(evaluate: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Runs of a subtyping or survival task (``tasks.py``) go to ``task_evaluate.evaluate_task_run``."""
+
+    @functools.wraps(evaluate)
+    def dispatch(root: Path, **options: Any) -> dict[str, Any]:
+        run = read_run(Path(root))
+        if run.get("task", "binary") != "binary" and "finished_at" in run:
+            from wsitk.shared.models.task_evaluate import evaluate_task_run
+
+            return evaluate_task_run(Path(root), run, **options)
+        return evaluate(root, **options)
+
+    return dispatch
+
+
+@_other_tasks
 def evaluate_run(
     root: Path,
     *,
@@ -201,6 +219,7 @@ def evaluate_run(
         "scoring_rule": {"rule": TILE_RULE, **dropped.to_dict()},
         "models": {e.name: e.to_dict() for e in evaluations},
         "patient_level": {e.name: e.to_dict() for e in patient_evaluations},
+        "by_site": add_site_breakdown(out),  # per-site AUC: by_site.json and a report section
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for evaluation in evaluations:

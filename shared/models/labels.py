@@ -10,7 +10,14 @@ column      required  meaning
 ``label``   yes       ``tumour``/``normal`` (also ``1``/``0``, ``positive``/``negative``, ``true``/``false``)
 ``site``    no        contributing site (hospital, scanner); enables site-preserving folds
 ``split``   no        a fixed split: ``test`` (held out) or ``train`` (cross-validation); per patient
+``subtype`` subtyping the patient's class (``wsi train --task subtype``; replaces ``label``)
+``time``    survival  follow-up time, > 0 (``wsi train --task survival``; with ``event``, replaces ``label``)
+``event``   survival  ``1`` event observed, ``0`` censored
 =========== ========= ==========================================================================
+
+A file with a ``label`` column is a tumour/normal file (this module) unless ``--task`` says otherwise;
+subtyping and survival files, their splits (stratified by class or by event) and models are in
+``tasks.py``.
 
 Splits are always by **patient**, never by slide: slides of one patient share tissue, staining and scanner,
 so a slide-level split lets a model recognise the patient instead of the disease and inflates every number.

@@ -33,6 +33,11 @@ def cli_register(args: argparse.Namespace) -> int:
     settings, db, store = _services()
     try:
         run = read_run(args.run)
+        if run.get("task", "binary") != "binary":
+            raise RegistryError(
+                f"run {args.run} is a {run['task']} run: the mil-scorer serves tumour/normal models only, so "
+                "subtype and risk models are evaluated (`wsi evaluate`) but not registered"
+            )
         model = run["models"].get(args.arch)
         if not model:
             raise RegistryError(f"run {args.run} has no {args.arch} model; it has {sorted(run['models'])}")

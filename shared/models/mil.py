@@ -6,7 +6,8 @@ vector. The attention weights are what the heatmap and the "top tiles" show.
 
 ``MilAggregator`` is what every aggregator shares (input standardisation, its own training loss, a
 description that rebuilds it); ``GatedAttentionMIL`` (Ilse, Tomczak and Welling, ICML 2018) is the default
-and lives here; the others (CLAM-SB, DSMIL) and fold ensembles live in ``aggregators.py``.
+and lives here; the others (CLAM-SB, DSMIL; TransMIL in ``transmil.py``) and fold ensembles live in
+``aggregators.py``.
 
 ``train_mil`` is deliberately small (one bag per step, Adam, class-weighted loss, early stopping on
 validation loss, resumable from a checkpoint): enough to train the shipped default model on synthetic bags

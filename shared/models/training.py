@@ -5,8 +5,8 @@ The protocol, in the order it runs:
 1. Read the labels file (``labels.py``), resolve every row to a pipeline slide id, split patients into a
    held-out **test** set and ``k`` stratified folds (optionally site-preserving). The split is written to
    ``splits.csv`` before anything trains, and the test slides' embeddings are not even loaded here.
-2. For each aggregator (``gated-attention`` by default; ``clam-sb``, ``dsmil`` by name) and each fold:
-   the fold's validation patients are split in two by patient, stratified by patient label
+2. For each aggregator (``gated-attention`` by default; ``clam-sb``, ``dsmil``, ``transmil`` by name) and
+   each fold: the fold's validation patients are split in two by patient, stratified by patient label
    (``split_validation``): a **stopping** half for early stopping and a **selection** half for the
    threshold and the calibration, so no decision is taken on the data that chose the epoch. Train on the
    other folds with class-weighted loss, bag sub-sampling, a fixed seed, early stopping on the stopping
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import re
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from wsitk.shared.hashing import sha256_file
 from wsitk.shared.models.labels import (
     LabelRow,
     LabelsError,
@@ -57,7 +57,7 @@ ENSEMBLE_THRESHOLD_RULE = (
     "best balanced accuracy on calibrated out-of-fold validation predictions (selection halves of the "
     "validation folds; early stopping used the other halves)"
 )
-ARCHITECTURES = ("gated-attention", "clam-sb", "dsmil")
+ARCHITECTURES = ("gated-attention", "clam-sb", "dsmil", "transmil")
 
 
 @dataclass(frozen=True)
@@ -174,10 +174,6 @@ class Progress:
             self.stream.flush()
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _run_tag(root: Path) -> str:
     tag = re.sub(r"[^a-z0-9]+", "-", root.resolve().name.lower()).strip("-")
     return tag[:24] or "run"
@@ -234,14 +230,30 @@ def train_run(
     bag_loader: Callable[[Sequence[str]], Mapping[str, Bag]],
     progress: Progress | None = None,
     command: str = "",
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole training protocol into ``out``; returns the run record (also ``out/run.json``).
 
     ``sources`` are the pipeline's ``(slide_id, upload_key)`` pairs; ``bag_loader`` fetches bags for slide
     ids (``load_bags`` against the pipeline's stores, or anything else in tests). It is only ever asked for
-    development (non-test) slides.
+    development (non-test) slides. ``task`` (``binary``, ``subtype``, ``survival``; inferred from the
+    labels file's columns when None) sends subtyping and survival to ``task_run.train_task_run``.
     """
+    from wsitk.shared.models.tasks import BINARY, detect_task
 
+    if (chosen := detect_task(labels_path, task)) != BINARY:
+        from wsitk.shared.models.task_run import train_task_run
+
+        return train_task_run(
+            labels_path,
+            out,
+            config,
+            chosen,
+            sources=sources,
+            bag_loader=bag_loader,
+            progress=progress,
+            command=command,
+        )
     progress = progress or Progress()
     paths = RunPaths(Path(out))
     rows = resolve_slide_ids(read_labels(labels_path), sources)
@@ -254,7 +266,7 @@ def train_run(
     )
     identity = {
         "format": RUN_FORMAT,
-        "labels_sha256": _sha256_file(labels_path),
+        "labels_sha256": sha256_file(labels_path),
         "config": asdict(config),
     }
     if paths.run_json.is_file():
@@ -274,27 +286,11 @@ def train_run(
         )
     development = plan.development_rows(rows)
     bags = bag_loader([r.slide_id for r in development])
-    expected_profile = _check_profiles(bags)
-    in_dim = int(next(iter(bags.values())).features.shape[1])
-    record: dict[str, Any] = {
-        **identity,
-        "command": command,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "labels_file": Path(labels_path).name,
-        "rows": [asdict(r) for r in rows],
-        "split": plan.to_dict(),
-        "split_summary": summary,
-        "profile": expected_profile,
-        "in_dim": in_dim,
-        "cohort": {
-            "slides": len(rows),
-            "patients": len({r.patient for r in rows}),
-            "sites": sorted({r.site for r in rows if r.site}),
-            "tumour_slides": sum(r.label for r in rows),
-            "tiles_per_slide": _tile_stats([bags[r.slide_id] for r in development]),
-        },
-        "models": {},
-    }
+    record = new_run_record(identity, command, labels_path, rows, plan, summary, bags)
+    in_dim = int(record["in_dim"])
+    expected_profile = record["profile"]
+    record["cohort"]["tumour_slides"] = sum(r.label for r in rows)
+    record["cohort"]["tiles_per_slide"] = _tile_stats([bags[r.slide_id] for r in development])
     _write_json(paths.run_json, record)
 
     folds = [plan.fold_rows(rows, k) for k in range(config.folds)]
@@ -324,6 +320,36 @@ def train_run(
         f"[train] done: {paths.run_json}; evaluate on the held-out test set with `wsi evaluate {paths.root}`"
     )
     return record
+
+
+def new_run_record(
+    identity: Mapping[str, Any],
+    command: str,
+    labels_path: Path,
+    rows: Sequence[Any],
+    plan: SplitPlan,
+    summary: Mapping[str, Any],
+    bags: Mapping[str, Bag],
+) -> dict[str, Any]:
+    """The start of ``run.json`` for every task: identity, command, rows, split, the development bags'
+    profile and feature dimension, the cohort's size; ``models`` empty until trained."""
+    return {
+        **identity,
+        "command": command,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "labels_file": Path(labels_path).name,
+        "rows": [asdict(r) for r in rows],
+        "split": plan.to_dict(),
+        "split_summary": summary,
+        "profile": _check_profiles(bags),
+        "in_dim": int(next(iter(bags.values())).features.shape[1]),
+        "cohort": {
+            "slides": len(rows),
+            "patients": len({r.patient for r in rows}),
+            "sites": sorted({r.site for r in rows if r.site}),
+        },
+        "models": {},
+    }
 
 
 def _train_baseline(
@@ -665,7 +691,9 @@ def _export_ensemble(
 
 # -- command line ----------------------------------------------------------------------------------------
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("labels", type=Path, help="CSV: slide, patient, label [, site, split]")
+    parser.add_argument(
+        "labels", type=Path, help="CSV: slide, patient, label | subtype | time, event [, site, split]"
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="run directory (resumes if it holds this run)"
     )
@@ -685,10 +713,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tiles", type=int, default=512, help="bag sub-sampling cap per training step")
     parser.add_argument("--no-class-weights", action="store_true", help="do not weight the loss by class")
     parser.add_argument("--backbone", default="", help="when slides were embedded with several backbones")
+    parser.add_argument(
+        "--task",
+        choices=("binary", "subtype", "survival"),
+        default=None,
+        help="default: from the labels columns (label: binary; subtype; time and event: survival)",
+    )
 
 
 def cli_train(args: argparse.Namespace) -> int:
     from wsitk.shared.config import load_settings
+    from wsitk.shared.db import records
     from wsitk.shared.db.connection import Database
     from wsitk.shared.models.bags import load_bags
     from wsitk.shared.objectstore import open_store
@@ -711,7 +746,7 @@ def cli_train(args: argparse.Namespace) -> int:
         settings = load_settings()
         db = Database(settings.dsn())
         store = open_store(settings)
-        sources = [(str(a), str(b)) for a, b in db.execute("SELECT slide_id, upload_key FROM slide_sources")]
+        sources = records.upload_keys(db)
         progress = Progress()
         paths = RunPaths(args.out)
 
@@ -728,6 +763,7 @@ def cli_train(args: argparse.Namespace) -> int:
             bag_loader=loader,
             progress=progress,
             command="wsi train " + " ".join(sys.argv[2:]),
+            task=args.task,
         )
     except LabelsError as error:
         print(f"wsi train: {error}", file=sys.stderr)

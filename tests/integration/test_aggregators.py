@@ -1,4 +1,4 @@
-"""MIL aggregators (gated attention, CLAM-SB, DSMIL), fold ensembles and the resumable trainer.
+"""MIL aggregators (gated attention, CLAM-SB, DSMIL, TransMIL), fold ensembles and the resumable trainer.
 
 Everything runs for real: torch training on toy bags, the legacy ONNX exporter and ONNX Runtime's CPU
 provider. Toy bags: normal tiles ~ N(0, 1) in 16 dimensions; a tumour bag also holds 5-10 % tiles shifted
@@ -33,7 +33,7 @@ from wsitk.shared.models.mil import (
 )
 from wsitk.shared.models.runtime import MilRunner
 
-NAMES = ("gated-attention", "clam-sb", "dsmil")
+NAMES = ("gated-attention", "clam-sb", "dsmil", "transmil")  # test_transmil.py: what is its own
 DIM = 16
 
 
@@ -113,9 +113,9 @@ def test_gated_attention_keeps_its_exported_name_which_the_registry_accepts() ->
 
 def test_unknown_names_and_options_are_refused_with_the_choices() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown MIL aggregator 'transmil'; choose one of gated-attention, "
+        ValueError, match=r"unknown MIL aggregator 'perceiver'; choose one of gated-attention, "
     ):
-        build_aggregator("transmil", 8)
+        build_aggregator("perceiver", 8)
     with pytest.raises(ValueError, match=r"'dsmil' has no option \['attn_dim'\]; its options are \['hidden'"):
         build_aggregator("dsmil", 8, attn_dim=4)
     with pytest.raises(ValueError, match="unknown MIL aggregator 'abmil'"):

@@ -24,6 +24,9 @@ How a slide is drawn:
   irregular nuclei on a slightly more purple stroma. The difference is meant to be learnable by a small
   random-weight CNN with attention MIL, which is what the demo trains.
 
+* The hard benchmark (opt-in; ``mimics.py``, ``hard.py``): mimic regions (lymphoid aggregates, reactive
+  epithelium, necrosis, fat, mucin) blended by membership like tumour, a subtler tumour look, small
+  tumours, slides sized by tile count, a held-out site with a strong shift, fixed splits and label noise.
 * Site and patient effects (``stain_shift``, ``illumination_od``, ``nucleus_scale``) are off by default. A
   labelled cohort (:func:`generate_labelled_cohort`) uses them so that the slides of one lab share a staining
   and scanner look and the slides of one patient share a tissue look, as real cohorts do: splitting by slide
@@ -62,7 +65,9 @@ from wsitk.shared.slides.synth.cohort import (
     CohortSite,
     CohortSlide,
     generate_labelled_cohort,
+    hard_parameters,
     plan_labelled_cohort,
+    write_labelled_cohort,
 )
 from wsitk.shared.slides.synth.layout import (
     Layout,
@@ -170,6 +175,7 @@ __all__ = [
     "generate_cohort",
     "generate_labelled_cohort",
     "generate_slide",
+    "hard_parameters",
     "identifying_fields",
     "load_truth",
     "mask_path",
@@ -178,4 +184,5 @@ __all__ = [
     "render_region",
     "split_jpeg_tables",
     "truth_json_path",
+    "write_labelled_cohort",
 ]

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from wsitk.shared.slides.looks import LOOKS, ScannerLook, look_named
-from wsitk.shared.slides.synth.cohort import CohortSlide, generate_labelled_cohort
+from wsitk.shared.slides.synth.cohort import (
+    CohortSlide,
+    generate_labelled_cohort,
+    hard_parameters,
+    write_labelled_cohort,
+)
 from wsitk.shared.slides.synth.spec import SlideTruth
 from wsitk.shared.slides.synth.writer import generate_cohort
 
@@ -58,6 +63,17 @@ def _parse_count_range(text: str) -> tuple[int, int]:
         ) from None
 
 
+def _parse_tiles(text: str) -> tuple[int, int]:
+    """``5000`` or ``5000-30000`` tiler tiles of tissue per slide."""
+    low, high = _split_range(text, "tiles per slide", "5000-30000")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"tiles per slide {text!r} must be a whole number or a range LOW-HIGH, e.g. 5000-30000"
+        ) from None
+
+
 def _parse_looks(text: str) -> tuple[ScannerLook, ...]:
     """``all``, or comma-separated look names (``shared/slides/looks.py``)."""
     if text.strip() == "all":
@@ -76,7 +92,9 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--count", type=int, default=None, help="number of unrelated slides (default 4; without --patients)"
     )
-    parser.add_argument("--size", type=_parse_size, default=(8000, 6000), help="WIDTHxHEIGHT of level 0")
+    parser.add_argument(
+        "--size", type=_parse_size, default=None, help="WIDTHxHEIGHT of level 0 (default 8000x6000)"
+    )
     parser.add_argument(
         "--format",
         dest="fmt",
@@ -162,6 +180,30 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="share of patients with tumour (default 0.5); their other slides are tumour with p=0.7",
     )
+    hard = parser.add_argument_group(
+        "hard benchmark",
+        "--hard (with --patients) writes the hard benchmark cohort (shared/slides/synth/hard.py, "
+        "docs/training-and-evaluation.md): tumour mimics on every slide, tumour at 0.5-5% of the tissue "
+        "with a subtle look, slides of 5,000-30,000 tiler tiles, a held-out site with a strong stain and "
+        "scanner shift whose patients are all split=test, 5% label noise (true_label kept)",
+    )
+    hard.add_argument("--hard", action="store_true", help="the hard benchmark preset (needs --patients)")
+    hard.add_argument(
+        "--tiles",
+        type=_parse_tiles,
+        default=None,
+        metavar="N[-MAX]",
+        help="with --hard: tiler tiles (224 px at 0.5 um/px) of tissue per slide (default 5000-30000)",
+    )
+    hard.add_argument(
+        "--label-noise", type=float, default=None, help="with --hard: share of patients flipped (0.05)"
+    )
+    hard.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="with --hard: share of the other sites' patients fixed to split=test (default 0.2)",
+    )
 
 
 _SLIDES_ONLY = {
@@ -182,6 +224,7 @@ _COHORT_ONLY = {
     "site_stain_shift": "--site-stain-shift",
     "tumour_patient_ratio": "--tumour-patient-ratio",
 }
+_HARD_ONLY = {"tiles": "--tiles", "label_noise": "--label-noise", "test_fraction": "--test-fraction"}
 
 
 def cli_synth(args: argparse.Namespace) -> int:
@@ -207,6 +250,8 @@ def _report_progress(path: Path, fraction: float) -> None:
 
 def _cli_slides(args: argparse.Namespace) -> None:
     misplaced = [flag for name, flag in _COHORT_ONLY.items() if getattr(args, name) is not None]
+    misplaced += [flag for name, flag in _HARD_ONLY.items() if getattr(args, name) is not None]
+    misplaced += ["--hard"] if args.hard else []
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)} only apply to a labelled cohort: add --patients N")
     if args.fmt == "mixed":
@@ -236,7 +281,7 @@ def _cli_slides(args: argparse.Namespace) -> None:
         count,
         tumour_ratio=0.5 if args.tumour_ratio is None else args.tumour_ratio,
         seed=args.seed,
-        size=args.size,
+        size=args.size or (8000, 6000),
         fmt=args.fmt,
         mpp=args.mpp,
         tumour_fraction=tumour_fraction,
@@ -269,6 +314,33 @@ def _cli_cohort(args: argparse.Namespace) -> None:
     def given(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    if args.hard:
+        if args.size is not None:
+            raise ValueError("--size does not apply with --hard: slides are sized by --tiles")
+        parameters = hard_parameters(
+            args.patients,
+            seed=args.seed,
+            fmt=args.fmt,
+            mpp=args.mpp,
+            artefacts=args.artefacts,
+            slides_per_patient=args.slides_per_patient,
+            tumour_patient_ratio=args.tumour_patient_ratio,
+            tumour_fraction=args.tumour_fraction,
+            sites=args.sites,
+            site_stain_shift=args.site_stain_shift,
+            tiles_per_slide=args.tiles,
+            label_noise=args.label_noise,
+            test_fraction=args.test_fraction,
+        )
+        cohort = write_labelled_cohort(
+            args.outdir, parameters, progress=_report_progress, on_slide=report_slide
+        )
+        print(f"labels: {cohort.labels_path}", flush=True)
+        return
+    misplaced = [flag for name, flag in _HARD_ONLY.items() if getattr(args, name) is not None]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)} only apply with --hard")
+
     cohort = generate_labelled_cohort(
         args.outdir,
         patients=args.patients,
@@ -277,7 +349,7 @@ def _cli_cohort(args: argparse.Namespace) -> None:
         tumour_fraction=given(args.tumour_fraction, (0.05, 0.4)),
         sites=given(args.sites, 3),
         site_stain_shift=given(args.site_stain_shift, 0.15),
-        size=args.size,
+        size=args.size or (8000, 6000),
         fmt=args.fmt,
         mpp=args.mpp,
         artefacts=args.artefacts,

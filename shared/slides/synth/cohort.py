@@ -9,10 +9,18 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from wsitk.shared.slides.synth.spec import GENERATOR_VERSION, SlideFormat, SlideTruth, SynthSpec
+from wsitk.shared.slides.looks import ScannerLook
+from wsitk.shared.slides.synth import hard
+from wsitk.shared.slides.synth.spec import (
+    GENERATOR_VERSION,
+    TUMOUR_LOOKS,
+    SlideFormat,
+    SlideTruth,
+    SynthSpec,
+)
 from wsitk.shared.slides.synth.writer import generate_slide
 
 # ---------------------------------------------------------------------------------------------------------
@@ -23,6 +31,8 @@ CohortFormat = Literal["svs", "tiff", "mixed"]
 LABELS_CSV = "labels.csv"
 COHORT_JSON = "cohort.json"
 LABELS_COLUMNS = ("slide", "patient", "label", "site", "tumour_fraction")
+# Added to labels.csv only with fixed splits or label noise (the hard benchmark): other cohorts keep theirs.
+HARD_LABELS_COLUMNS = ("split", "true_label")
 MAX_SITES = 26  # site-A .. site-Z
 MAX_SLIDES_PER_PATIENT = 50
 # Blocks of one patient are usually cut and stained in one batch: less slide-to-slide stain variation than
@@ -51,14 +61,25 @@ class CohortParameters:
     mpp: float = 0.5
     artefacts: bool = False
     seed: int = 0
+    # The hard benchmark (shared/slides/synth/hard.py; ``hard.HARD_DEFAULTS``). The defaults change nothing.
+    mimics: bool = False  # lymphoid, reactive, necrosis, fat and mucin regions drawn per slide
+    tumour_look: str = "classic"  # or "subtle"
+    tumour_fraction_log: bool = False  # draw tumour fractions log-uniformly (small foci are common)
+    tiles_per_slide: tuple[int, int] | None = None  # tiler tiles of tissue per slide; replaces ``size``
+    held_out_site: bool = False  # the last site: strongest stain shift and its own look; all split=test
+    test_fraction: float = 0.0  # share of the other sites' patients fixed to split=test (rest: train)
+    label_noise: float = 0.0  # share of patients whose label is flipped in labels.csv (true_label kept)
 
     def __post_init__(self) -> None:
         # Lists (from JSON) become tuples; a range may be given as one number ("exactly this").
-        for name in ("slides_per_patient", "tumour_fraction"):
+        for name in ("slides_per_patient", "tumour_fraction", "tiles_per_slide"):
             value = getattr(self, name)
-            object.__setattr__(self, name, (value, value) if isinstance(value, int | float) else tuple(value))
+            if value is not None:
+                object.__setattr__(
+                    self, name, (value, value) if isinstance(value, int | float) else tuple(value)
+                )
         object.__setattr__(self, "size", tuple(self.size))
-        problems = self._count_problems() + self._appearance_problems()
+        problems = self._count_problems() + self._appearance_problems() + self._hard_problems()
         if problems:
             raise ValueError("invalid labelled cohort: " + "; ".join(problems))
 
@@ -69,7 +90,9 @@ class CohortParameters:
         _check_range(
             "slides_per_patient", self.slides_per_patient, 1, MAX_SLIDES_PER_PATIENT, problems, "1-3"
         )
-        _check_range("tumour_fraction", self.tumour_fraction, 0.01, 0.9, problems, "0.05-0.4")
+        # Foci below 1 % of the tissue come with log-uniform draws (the hard benchmark), down to 0.2 %.
+        smallest = 0.002 if self.tumour_fraction_log else 0.01
+        _check_range("tumour_fraction", self.tumour_fraction, smallest, 0.9, problems, "0.05-0.4")
         if not 0.0 <= self.tumour_patient_ratio <= 1.0:
             problems.append(f"tumour_patient_ratio {self.tumour_patient_ratio} must be within 0..1")
         if not 0.0 <= self.tumour_slide_probability <= 1.0:
@@ -103,6 +126,29 @@ class CohortParameters:
                 problems.append(str(error).removeprefix("invalid SynthSpec: "))
         return problems
 
+    def _hard_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.tumour_look not in TUMOUR_LOOKS:
+            problems.append(f"tumour_look {self.tumour_look!r} must be one of {', '.join(TUMOUR_LOOKS)}")
+        if self.tiles_per_slide is not None:
+            _check_range("tiles_per_slide", self.tiles_per_slide, 10, 200_000, problems, "5000-30000")
+        if self.held_out_site and self.sites < 2:
+            problems.append(f"held_out_site needs at least 2 sites (one to hold out), got {self.sites}")
+        if not 0.0 <= self.test_fraction <= 0.5:
+            problems.append(f"test_fraction {self.test_fraction} must be within 0..0.5 (0.2 = a fifth)")
+        if not 0.0 <= self.label_noise <= 0.3:
+            problems.append(f"label_noise {self.label_noise} must be within 0..0.3 (0.05 = 5% of patients)")
+        return problems
+
+    @property
+    def fixed_splits(self) -> bool:
+        """Whether labels.csv fixes each patient's split (a held-out site or fixed test patients)."""
+        return self.held_out_site or self.test_fraction > 0
+
+    @property
+    def hard_columns(self) -> bool:
+        return self.fixed_splits or self.label_noise > 0
+
 
 @dataclass(frozen=True)
 class CohortSite:
@@ -111,6 +157,8 @@ class CohortSite:
     name: str  # "site-A"
     stain_shift: tuple[float, float]  # (eosin, haematoxylin) OD multipliers of the lab's staining protocol
     illumination_od: tuple[float, float, float]  # the scanner's colour cast, OD per RGB channel
+    look: ScannerLook = field(default_factory=ScannerLook)  # the held-out site's scanner look
+    held_out: bool = False  # never trained on: all its patients are split=test
 
 
 @dataclass(frozen=True)
@@ -122,6 +170,8 @@ class CohortPatient:
     label: str  # "tumour" or "normal": the patient's diagnosis
     stain_factor: tuple[float, float]  # on top of the site's shift: the patient's blocks, stained together
     nucleus_scale: float  # nuclear size of this patient's tissue (both classes)
+    split: str = ""  # "test" or "train" when the cohort fixes splits
+    recorded_label: str = ""  # the label labels.csv gives when it was flipped (label noise); else ""
 
 
 @dataclass(frozen=True)
@@ -171,16 +221,33 @@ class Cohort:
             truth = self.truths.get(slide.file_name)
             if truth is None:
                 raise RuntimeError(f"slide {slide.file_name} has not been written yet: no label to report")
-            rows.append(
-                {
-                    "slide": slide.file_name,
-                    "patient": slide.patient,
-                    "label": truth.label,
-                    "site": slide.site,
-                    "tumour_fraction": f"{truth.tumour_fraction_actual:.4f}",
-                }
-            )
+            row = {
+                "slide": slide.file_name,
+                "patient": slide.patient,
+                "label": truth.label,
+                "site": slide.site,
+                "tumour_fraction": f"{truth.tumour_fraction_actual:.4f}",
+            }
+            if self.parameters.hard_columns:
+                patient = self.patient(slide.patient)
+                row["label"] = patient.recorded_label or truth.label
+                row["split"] = patient.split
+                row["true_label"] = truth.label
+            rows.append(row)
         return rows
+
+    def patient(self, patient_id: str) -> CohortPatient:
+        return next(p for p in self.patients if p.patient_id == patient_id)
+
+    @property
+    def held_out_site(self) -> str | None:
+        return next((site.name for site in self.sites if site.held_out), None)
+
+
+def hard_parameters(patients: int, **overrides: Any) -> CohortParameters:
+    """The hard benchmark's parameters (``hard.HARD_DEFAULTS``); overrides that are None keep the preset."""
+    fields = {**hard.HARD_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    return CohortParameters(patients=patients, **fields)
 
 
 def _check_range(
@@ -272,6 +339,14 @@ def plan_labelled_cohort(out_dir: Path, parameters: CohortParameters) -> Cohort:
     Sites, patients and slides draw from separate seeded streams.
     """
     sites = _plan_sites(parameters.seed, parameters.sites, parameters.site_stain_shift, parameters.site_tint)
+    if parameters.held_out_site:
+        sites[-1] = dataclasses.replace(
+            sites[-1],
+            stain_shift=hard.HELD_OUT_STAIN_SHIFT,
+            illumination_od=hard.HELD_OUT_ILLUMINATION_OD,
+            look=hard.HELD_OUT_LOOK,
+            held_out=True,
+        )
     patients = _plan_patients(
         parameters.seed,
         parameters.patients,
@@ -279,8 +354,34 @@ def plan_labelled_cohort(out_dir: Path, parameters: CohortParameters) -> Cohort:
         sites,
         parameters.patient_variation,
     )
+    if parameters.hard_columns:
+        patients = _fix_splits_and_noise(parameters, sites, patients)
     slides = _plan_slides(parameters, {site.name: site for site in sites}, patients)
     return Cohort(Path(out_dir), parameters, sites, patients, slides)
+
+
+def _fix_splits_and_noise(
+    parameters: CohortParameters, sites: list[CohortSite], patients: list[CohortPatient]
+) -> list[CohortPatient]:
+    held_out = next((site.name for site in sites if site.held_out), None)
+    split: dict[str, str] = {}
+    if parameters.fixed_splits:
+        split = hard.fixed_splits(
+            [(p.patient_id, p.site, p.label) for p in patients],
+            held_out,
+            parameters.test_fraction,
+            parameters.seed,
+        )
+    flipped = hard.noisy_patients([p.patient_id for p in patients], parameters.label_noise, parameters.seed)
+    other = {"tumour": "normal", "normal": "tumour"}
+    return [
+        dataclasses.replace(
+            p,
+            split=split.get(p.patient_id, ""),
+            recorded_label=other[p.label] if p.patient_id in flipped else "",
+        )
+        for p in patients
+    ]
 
 
 def _plan_slides(
@@ -301,7 +402,12 @@ def _plan_slides(
                 for k in range(n_slides)
             ]
         for tumour in is_tumour:
-            fraction = round(float(rng.uniform(*parameters.tumour_fraction)), 4) if tumour else 0.0
+            fraction = 0.0
+            if tumour and parameters.tumour_fraction_log:
+                log_low, log_high = (math.log(v) for v in parameters.tumour_fraction)
+                fraction = round(math.exp(float(rng.uniform(log_low, log_high))), 4)
+            elif tumour:
+                fraction = round(float(rng.uniform(*parameters.tumour_fraction)), 4)
             drafts.append((patient, fraction))
     # Shuffled, so that neither file names nor their order group a patient's slides together.
     order = rng.permutation(len(drafts))
@@ -316,13 +422,27 @@ def _plan_slides(
         ]
     )
     digits = max(4, len(str(len(drafts) - 1)))
+    mimic_rng = np.random.default_rng([parameters.seed, 27])
+    size_rng = np.random.default_rng([parameters.seed, 28])
     slides = []
     for index, draft_index in enumerate(order.tolist()):
         patient, fraction = drafts[draft_index]
         site = sites[patient.site]
+        extra: dict[str, object] = {}
+        if parameters.mimics:
+            extra["mimics"] = hard.draw_mimics(mimic_rng)
+        if parameters.tumour_look != "classic":
+            extra["tumour_look"] = parameters.tumour_look
+        if site.look != ScannerLook():
+            extra["look"] = site.look
+        size = parameters.size
+        if parameters.tiles_per_slide is not None:
+            tiles = hard.draw_tiles(size_rng, parameters.tiles_per_slide)
+            aspect = float(size_rng.uniform(1.0, 1.6))
+            size = hard.slide_size_for_tiles(tiles, int(slide_seeds[index]), parameters.mpp, aspect)
         spec = SynthSpec(
-            width=parameters.size[0],
-            height=parameters.size[1],
+            width=size[0],
+            height=size[1],
             mpp=parameters.mpp,
             fmt=formats[index],
             tumour_fraction=fraction,
@@ -336,6 +456,7 @@ def _plan_slides(
             ),
             illumination_od=site.illumination_od,
             nucleus_scale=patient.nucleus_scale,
+            **extra,
         )
         name = f"cohort-{parameters.seed}-{index:0{digits}d}.{formats[index]}"
         slides.append(CohortSlide(name, patient.patient_id, site.name, spec))
@@ -359,6 +480,13 @@ def generate_labelled_cohort(
     mpp: float = 0.5,
     artefacts: bool = False,
     seed: int = 0,
+    mimics: bool = False,
+    tumour_look: str = "classic",
+    tumour_fraction_log: bool = False,
+    tiles_per_slide: tuple[int, int] | None = None,
+    held_out_site: bool = False,
+    test_fraction: float = 0.0,
+    label_noise: float = 0.0,
     progress: Callable[[Path, float], None] | None = None,
     on_slide: Callable[[CohortSlide, SlideTruth], None] | None = None,
 ) -> Cohort:
@@ -380,6 +508,13 @@ def generate_labelled_cohort(
       the range) and colour cast (up to ``site_tint`` OD) is drawn once and applies to all its slides;
       ``fmt="mixed"`` makes each slide svs or tiff at random (not per site: the file extension must not
       reveal the site).
+    * the **hard benchmark** options (``shared/slides/synth/hard.py`` explains each; ``hard.HARD_DEFAULTS``
+      holds the preset): ``mimics`` (lymphoid, reactive, necrosis, fat and mucin regions on every slide),
+      ``tumour_look="subtle"``, ``tumour_fraction_log``, ``tiles_per_slide`` (each slide sized to hold that
+      many tiler tiles of tissue, instead of ``size``), ``held_out_site`` (the last site: strong stain and
+      scanner shift, all its patients ``split=test``), ``test_fraction`` (other sites' patients fixed to
+      test) and ``label_noise`` (patients whose label is flipped). With splits or noise labels.csv gains
+      the columns ``split`` and ``true_label``.
 
     File names (``cohort-<seed>-<index>.<ext>``, in shuffled order) reveal neither label, patient nor site.
     ``labels.csv`` (columns slide, patient, label, site, tumour_fraction) takes label and tumour fraction
@@ -405,7 +540,25 @@ def generate_labelled_cohort(
         mpp=mpp,
         artefacts=artefacts,
         seed=seed,
+        mimics=mimics,
+        tumour_look=tumour_look,
+        tumour_fraction_log=tumour_fraction_log,
+        tiles_per_slide=tiles_per_slide,
+        held_out_site=held_out_site,
+        test_fraction=test_fraction,
+        label_noise=label_noise,
     )
+    return write_labelled_cohort(out_dir, parameters, progress=progress, on_slide=on_slide)
+
+
+def write_labelled_cohort(
+    out_dir: Path,
+    parameters: CohortParameters,
+    *,
+    progress: Callable[[Path, float], None] | None = None,
+    on_slide: Callable[[CohortSlide, SlideTruth], None] | None = None,
+) -> Cohort:
+    """:func:`generate_labelled_cohort` for a ready :class:`CohortParameters` (e.g. the hard preset)."""
     cohort = plan_labelled_cohort(out_dir, parameters)
     cohort.out_dir.mkdir(parents=True, exist_ok=True)
     for slide in cohort.slides:
@@ -426,13 +579,18 @@ def _write_cohort_files(cohort: Cohort) -> None:
 
     rows = cohort.label_rows()
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=LABELS_COLUMNS, lineterminator="\n")
+    columns = LABELS_COLUMNS + (HARD_LABELS_COLUMNS if cohort.parameters.hard_columns else ())
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     _replace_text(cohort.labels_path, text.getvalue())
 
     def counts(selected: list[dict[str, str]]) -> dict[str, int]:
-        return {label: sum(row["label"] == label for row in selected) for label in ("tumour", "normal")}
+        # the truth, also where label noise flipped the label column
+        return {
+            label: sum(row.get("true_label", row["label"]) == label for row in selected)
+            for label in ("tumour", "normal")
+        }
 
     def patient_counts(site: str | None) -> dict[str, int]:
         chosen = [p for p in cohort.patients if site is None or p.site == site]
@@ -445,7 +603,7 @@ def _write_cohort_files(cohort: Cohort) -> None:
         "generator": GENERATOR_VERSION,
         "kind": "labelled-cohort",
         "seed": cohort.parameters.seed,
-        "parameters": dataclasses.asdict(cohort.parameters),
+        "parameters": _parameters_json(cohort.parameters),
         "labels": LABELS_CSV,
         "counts": {
             "patients": patient_counts(None),
@@ -487,7 +645,51 @@ def _write_cohort_files(cohort: Cohort) -> None:
             for slide in sorted(cohort.slides, key=lambda s: s.file_name)
         },
     }
+    if cohort.parameters.hard_columns or cohort.parameters.mimics:
+        _add_hard_summary(cohort, summary)
     _replace_text(cohort.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def _parameters_json(parameters: CohortParameters) -> dict[str, object]:
+    """The parameters, without hard-benchmark fields at their defaults (other cohort.json files stay as
+    they were before those fields existed)."""
+    data = dataclasses.asdict(parameters)
+    defaults = CohortParameters(patients=1)
+    for name in (
+        "mimics",
+        "tumour_look",
+        "tumour_fraction_log",
+        "tiles_per_slide",
+        "held_out_site",
+        "test_fraction",
+        "label_noise",
+    ):
+        if getattr(parameters, name) == getattr(defaults, name):
+            del data[name]
+    return data
+
+
+def _add_hard_summary(cohort: Cohort, summary: dict[str, Any]) -> None:
+    """Held-out site, splits, flipped labels and per-slide class shares, for the hard benchmark."""
+    summary["held_out_site"] = cohort.held_out_site
+    flipped = sorted(p.patient_id for p in cohort.patients if p.recorded_label)
+    summary["label_noise"] = {"share": cohort.parameters.label_noise, "flipped_patients": flipped}
+    for site in cohort.sites:
+        summary["sites"][site.name]["held_out"] = site.held_out
+        if site.look != ScannerLook():
+            summary["sites"][site.name]["look"] = site.look.to_json()
+    for patient in cohort.patients:
+        entry = summary["patients"][patient.patient_id]
+        entry["split"] = patient.split
+        entry["recorded_label"] = patient.recorded_label or patient.label
+    for name, entry in summary["slides"].items():
+        truth = cohort.truths[name]
+        entry["true_label"] = truth.label
+        entry["class_fractions"] = truth.class_fractions
+        entry["size"] = [truth.width, truth.height]
+        entry["tissue_tiles"] = round(
+            truth.tissue_fraction * truth.width * truth.height * (truth.mpp / hard.TILER_TILE_UM) ** 2
+        )
 
 
 def _replace_text(path: Path, text: str) -> None:

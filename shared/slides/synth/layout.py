@@ -42,11 +42,14 @@ class Layout:
         downsample: float,
         *,
         constant: tuple[float, float] | None = None,
+        mimic_sdfs: dict[str, FloatArray] | None = None,
     ) -> None:
         self.tissue_sdf = tissue_sdf
         self.tumour_sdf = tumour_sdf
         self.downsample = downsample
         self.constant = constant  # (tissue, tumour) membership everywhere, for standalone patches
+        # Mimic regions (shared/slides/synth/mimics.py), in compositing order; empty without mimics.
+        self.mimic_sdfs: dict[str, FloatArray] = dict(mimic_sdfs or {})
 
     @classmethod
     def uniform(cls, kind: str) -> Layout:
@@ -63,6 +66,16 @@ class Layout:
         if self.tumour_sdf is None:
             return np.zeros_like(self.tissue_mask)
         return np.asarray((self.tumour_sdf > 0) & self.tissue_mask)
+
+    @property
+    def mimic_masks(self) -> dict[str, BoolArray]:
+        """Each mimic's region at the cell centres: inside tissue, outside tumour and earlier mimics."""
+        taken = self.tumour_mask.copy()
+        masks = {}
+        for name, sdf in self.mimic_sdfs.items():
+            masks[name] = np.asarray((sdf > 0) & self.tissue_mask & ~taken)
+            taken |= masks[name]
+        return masks
 
     def window_distances(
         self, downsample: int, x0: int, y0: int, width: int, height: int
@@ -189,4 +202,9 @@ def build_layout(spec: SynthSpec) -> Layout:
         if not (region & tissue).any():  # a tiny fraction on a tiny grid: keep at least the peak cell
             region = tumour_field >= tumour_field[tissue].max()
         tumour_sdf = _signed_distance(region)
-    return Layout(tissue_sdf, tumour_sdf, float(downsample))
+    layout = Layout(tissue_sdf, tumour_sdf, float(downsample))
+    if spec.mimics:
+        from wsitk.shared.slides.synth.mimics import mimic_sdfs
+
+        layout.mimic_sdfs = mimic_sdfs(spec, layout.tissue_mask, layout.tumour_mask, short_side)
+    return layout

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from wsitk.shared.slides.synth.spec import (
     GLASS_OD_NOISE,
     GRAIN_SIGMA_UM,
     HAEMATOXYLIN_OD,
+    MIMIC_CLASSES,
     NORMAL,
     NUCLEUS_CELL_PX,
     PATCH_KINDS,
@@ -30,6 +32,7 @@ from wsitk.shared.slides.synth.spec import (
     TISSUE_EDGE_UM,
     TUMOUR,
     TUMOUR_EDGE_UM,
+    TUMOUR_SUBTLE,
     FloatArray,
     IntArray,
     SynthSpec,
@@ -134,7 +137,7 @@ def _make_stamps(tissue_class: TissueClass, mpp_eff: float, seed: int) -> StampS
         tissue_class.radius_um[1] / mpp_eff * tissue_class.aspect[1] * (1 + tissue_class.irregularity[1])
     )
     reach = math.ceil(max_extent) + 1
-    supersample = 4
+    supersample = tissue_class.stamp_supersample
     side = 2 * reach + 1
     sub = (np.arange(side * supersample) + 0.5) / supersample - (reach + 0.5)
     sub_y, sub_x = np.meshgrid(sub, sub, indexing="ij")
@@ -210,6 +213,7 @@ class Renderer:
         illumination_od: tuple[float, float, float] = (0.0, 0.0, 0.0),
         nucleus_scale: float = 1.0,
         look: ScannerLook | None = None,
+        tumour_look: str = "classic",
     ):
         self.layout = layout
         self.mpp = mpp
@@ -230,7 +234,8 @@ class Renderer:
         if self.look.stain_hue_deg != (0.0, 0.0):
             self.eosin_od = hue_rotated(EOSIN_OD, self.look.stain_hue_deg[0])
             self.haematoxylin_od = hue_rotated(HAEMATOXYLIN_OD, self.look.stain_hue_deg[1])
-        self.normal, self.tumour = NORMAL, TUMOUR
+        tumour_class = TUMOUR_SUBTLE if tumour_look == "subtle" else TUMOUR
+        self.normal, self.tumour = NORMAL, tumour_class
         if nucleus_scale != 1.0:
             self.normal, self.tumour = (
                 dataclasses.replace(
@@ -240,8 +245,21 @@ class Renderer:
                         tissue_class.radius_um[1] * nucleus_scale,
                     ),
                 )
-                for tissue_class in (NORMAL, TUMOUR)
+                for tissue_class in (NORMAL, tumour_class)
             )
+        # Mimics or a subtle tumour: every class blended by membership (_render_classes). Otherwise the
+        # original two-class path, whose bytes must not change.
+        self.mimic_classes = {
+            name: dataclasses.replace(
+                MIMIC_CLASSES[name],
+                radius_um=(
+                    MIMIC_CLASSES[name].radius_um[0] * nucleus_scale,
+                    MIMIC_CLASSES[name].radius_um[1] * nucleus_scale,
+                ),
+            )
+            for name in layout.mimic_sdfs
+        }
+        self.by_classes = layout.constant is None and (bool(layout.mimic_sdfs) or tumour_class is not TUMOUR)
         self._banks: OrderedDict[int, TextureBank] = OrderedDict()
         self._stamps: dict[tuple[int, int], StampSet | None] = {}
         self._cells: OrderedDict[tuple[int, int, int, int], NucleusCell] = OrderedDict()
@@ -303,6 +321,7 @@ class Renderer:
         window: tuple[int, int, int, int],
         coverage_sum: NDArray[np.float64],
         haematoxylin_sum: NDArray[np.float64],
+        class_weight: Callable[[IntArray, IntArray, FloatArray], FloatArray] | None = None,
     ) -> None:
         x0, y0, width, height = window
         reach = stamps.reach
@@ -324,8 +343,11 @@ class Renderer:
         roughness = self._bank(downsample).sample_points(2, xs, ys) * np.float32(
             BORDER_ROUGHNESS_UM / mpp_eff
         )
-        tissue, tumour = self.layout.point_memberships(downsample, xs, ys, mpp_eff, roughness)
-        membership = tissue * (tumour if tissue_class.class_id == TUMOUR.class_id else 1 - tumour)
+        if class_weight is None:
+            tissue, tumour = self.layout.point_memberships(downsample, xs, ys, mpp_eff, roughness)
+            membership = tissue * (tumour if tissue_class.class_id == TUMOUR.class_id else 1 - tumour)
+        else:
+            membership = class_weight(xs, ys, roughness)
         chosen = keep < membership
         if not chosen.any():
             return
@@ -381,6 +403,16 @@ class Renderer:
             return self._to_rgb(optical_density, downsample, x0)
         tissue_weight = np.float32(1.0) if tissue is None else tissue
         tumour_weight = np.float32(0.0) if tumour is None else tumour
+        if self.by_classes:
+            return self._render_classes(
+                downsample,
+                (x0, y0, width, height),
+                noise,
+                optical_density,
+                tissue_weight,
+                tumour_weight,
+                (eosin_scale, haematoxylin_scale),
+            )
 
         stroma_eosin = NORMAL.stroma_eosin + (TUMOUR.stroma_eosin - NORMAL.stroma_eosin) * tumour_weight
         stroma_haem = (
@@ -414,6 +446,73 @@ class Renderer:
         eosin = eosin * (1 - 0.55 * nuclear_coverage) * (tissue_weight * eosin_scale)
         haematoxylin = stroma_haem * (1 + 0.3 * coarse) * tissue_weight + nuclear_coverage * nuclear_haem
         haematoxylin = np.maximum(haematoxylin, 0) * haematoxylin_scale
+        optical_density += np.maximum(eosin, 0)[..., None] * self.eosin_od
+        optical_density += haematoxylin[..., None] * self.haematoxylin_od
+        return self._to_rgb(optical_density, downsample, x0)
+
+    def _render_classes(
+        self,
+        downsample: int,
+        window: tuple[int, int, int, int],
+        noise: FloatArray,
+        optical_density: FloatArray,
+        tissue: FloatArray | np.float32,
+        tumour: FloatArray | np.float32,
+        stain_scale: tuple[float, float],
+    ) -> NDArray[np.uint8]:
+        """The window with every class (normal, tumour, mimics) blended by membership; fat clears stroma."""
+        from wsitk.shared.slides.synth.mimics import (
+            FAT_VACUOLES,
+            compose,
+            point_class_weight,
+            window_mimic_memberships,
+        )
+
+        x0, _, width, height = window
+        grain, fibre, coarse = noise[0], noise[1], noise[2]
+        mpp_eff = self.mpp * downsample
+        classes = {"normal": self.normal, "tumour": self.tumour, **self.mimic_classes}
+        mimics = window_mimic_memberships(self.layout, downsample, window, mpp_eff, coarse)
+        shares = compose(tumour, mimics)
+        stroma_eosin = sum(share * classes[name].stroma_eosin for name, share in shares)
+        stroma_haem = sum(share * classes[name].stroma_haematoxylin for name, share in shares)
+        eosin = stroma_eosin * (1 + 0.12 * coarse + 0.22 * fibre + 0.05 * grain)
+
+        def weight_of(name: str) -> Callable[[IntArray, IntArray, FloatArray], FloatArray]:
+            def weight(xs: IntArray, ys: IntArray, roughness: FloatArray) -> FloatArray:
+                return point_class_weight(self.layout, name, downsample, xs, ys, mpp_eff, roughness)
+
+            return weight
+
+        size = width * height
+        coverage_sum, haematoxylin_sum = np.zeros(size, np.float64), np.zeros(size, np.float64)
+        clear_sum, unused = np.zeros(size, np.float64), np.zeros(size, np.float64)
+        drawn = [(name, classes[name], share, coverage_sum, haematoxylin_sum) for name, share in shares]
+        if "fat" in classes:
+            fat_share = next(share for name, share in shares if name == "fat")
+            drawn.append(("fat", FAT_VACUOLES, fat_share, clear_sum, unused))
+        for name, tissue_class, share, target, target_haem in drawn:
+            weight = tissue * share
+            if not np.any(weight):
+                continue
+            stamps = self._stamp_set(tissue_class, downsample)
+            if stamps is not None:
+                self._draw_nuclei(
+                    tissue_class, stamps, downsample, window, target, target_haem, weight_of(name)
+                )
+            else:
+                field_coverage, field_haem = self._coverage_field(tissue_class, mpp_eff, grain)
+                weighted = (field_coverage * weight).ravel()
+                np.add(target, weighted, out=target)
+                np.add(target_haem, weighted * field_haem, out=target_haem)
+        cleared = 1 - np.minimum(clear_sum, 1.0).reshape(height, width).astype(np.float32)
+        nuclear_coverage = np.minimum(coverage_sum, 1.0).reshape(height, width).astype(np.float32)
+        nuclear_haem = (haematoxylin_sum / np.maximum(coverage_sum, 1e-6)).reshape(height, width)
+        nuclear_haem = nuclear_haem.astype(np.float32) * (1 + 0.18 * grain)
+
+        eosin = eosin * cleared * (1 - 0.55 * nuclear_coverage) * (tissue * stain_scale[0])
+        haematoxylin = stroma_haem * cleared * (1 + 0.3 * coarse) * tissue + nuclear_coverage * nuclear_haem
+        haematoxylin = np.maximum(haematoxylin, 0) * stain_scale[1]
         optical_density += np.maximum(eosin, 0)[..., None] * self.eosin_od
         optical_density += haematoxylin[..., None] * self.haematoxylin_od
         return self._to_rgb(optical_density, downsample, x0)
@@ -473,6 +572,7 @@ def _slide_renderer(spec: SynthSpec, layout: Layout | None = None) -> Renderer:
         illumination_od=spec.illumination_od,
         nucleus_scale=spec.nucleus_scale,
         look=spec.look,
+        tumour_look=spec.tumour_look,
     )
 
 

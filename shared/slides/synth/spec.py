@@ -66,6 +66,10 @@ class TissueClass:
     aspect: tuple[float, float]  # ellipse axis ratio
     irregularity: tuple[float, float]  # amplitude of harmonic border perturbation
     haematoxylin: tuple[float, float]  # nuclear stain concentration (darkness)
+    # Fat only: empty vacuoles (adipocytes) that clear the stroma, drawn like nuclei but subtracting stain.
+    vacuoles_per_um2: float = 0.0
+    vacuole_radius_um: tuple[float, float] = (0.0, 0.0)
+    stamp_supersample: int = 4  # anti-aliasing of the stamps; 2 is plenty for fat's large vacuoles
 
     @property
     def mean_nucleus_area_um2(self) -> float:
@@ -95,6 +99,84 @@ TUMOUR = TissueClass(
     irregularity=(0.1, 0.25),
     haematoxylin=(1.15, 1.5),
 )
+
+# A subtler tumour (``SynthSpec.tumour_look="subtle"``): stroma like normal tissue, nuclei only moderately
+# larger, denser and darker. Same class id as TUMOUR: it replaces it, it does not add to it.
+TUMOUR_SUBTLE = TissueClass(
+    name="tumour",
+    class_id=2,
+    stroma_eosin=0.97,
+    stroma_haematoxylin=0.05,
+    nuclei_per_um2=1 / 70,
+    radius_um=(2.6, 3.4),
+    aspect=(1.0, 1.5),
+    irregularity=(0.08, 0.2),
+    haematoxylin=(1.05, 1.35),
+)
+TUMOUR_LOOKS = ("classic", "subtle")
+
+# Mimics: benign tissue that a colour or nuclear-density shortcut confuses with tumour (or hides it under).
+# Opt-in (``SynthSpec.mimics``); a slide without them renders exactly as before they existed.
+LYMPHOID = TissueClass(  # lymphoid aggregate: dense, small, very dark, round nuclei
+    name="lymphoid",
+    class_id=3,
+    stroma_eosin=0.75,
+    stroma_haematoxylin=0.08,
+    nuclei_per_um2=1 / 30,
+    radius_um=(1.6, 2.1),
+    aspect=(1.0, 1.12),
+    irregularity=(0.0, 0.03),
+    haematoxylin=(1.45, 1.8),
+)
+REACTIVE = TissueClass(  # reactive epithelium: moderately enlarged, darker nuclei; the closest tumour mimic
+    name="reactive",
+    class_id=4,
+    stroma_eosin=0.93,
+    stroma_haematoxylin=0.07,
+    nuclei_per_um2=1 / 85,
+    radius_um=(2.2, 2.9),
+    aspect=(1.0, 1.4),
+    irregularity=(0.03, 0.1),
+    haematoxylin=(0.95, 1.2),
+)
+NECROSIS = TissueClass(  # necrosis: bright pink debris with karyorrhectic nuclear fragments
+    name="necrosis",
+    class_id=5,
+    stroma_eosin=1.3,
+    stroma_haematoxylin=0.06,
+    nuclei_per_um2=1 / 28,
+    radius_um=(0.55, 1.1),
+    aspect=(1.0, 1.8),
+    irregularity=(0.15, 0.4),
+    haematoxylin=(1.1, 1.6),
+)
+FAT = TissueClass(  # adipose tissue: large empty vacuoles between thin pink septa, rare flat nuclei
+    name="fat",
+    class_id=6,
+    stroma_eosin=0.8,
+    stroma_haematoxylin=0.02,
+    nuclei_per_um2=1 / 2500,
+    radius_um=(1.4, 1.8),
+    aspect=(1.4, 2.0),
+    irregularity=(0.0, 0.05),
+    haematoxylin=(0.7, 0.9),
+    vacuoles_per_um2=1 / 1900,
+    vacuole_radius_um=(22.0, 38.0),
+)
+MUCIN = TissueClass(  # mucin: pale blue-grey pools with a few floating nuclei
+    name="mucin",
+    class_id=7,
+    stroma_eosin=0.16,
+    stroma_haematoxylin=0.17,
+    nuclei_per_um2=1 / 900,
+    radius_um=(1.6, 2.2),
+    aspect=(1.0, 1.3),
+    irregularity=(0.0, 0.08),
+    haematoxylin=(0.8, 1.0),
+)
+#: Mimic classes by name, in compositing order: earlier ones lie on top where soft borders overlap.
+MIMIC_CLASSES: dict[str, TissueClass] = {c.name: c for c in (NECROSIS, LYMPHOID, REACTIVE, MUCIN, FAT)}
+MIMIC_EDGE_UM = TUMOUR_EDGE_UM
 
 # Bounds of the site and patient effects. A stain shift beyond 0.5..1.6 or a colour cast beyond a few tenths
 # of OD no longer looks like H&E from a working lab; nuclei scaled beyond 0.75..1.3 would blur the
@@ -143,6 +225,10 @@ class SynthSpec:
     # Scanner and stain look (shared/slides/looks.py). The default changes nothing. A look's JPEG quality,
     # when it has one, replaces ``jpeg_quality``; its red ink is drawn even without ``artefacts``.
     look: ScannerLook = field(default_factory=ScannerLook)
+    # Mimic regions ((class name, share of the tissue area), ...; shared/slides/synth/mimics.py) and the
+    # tumour's look ("classic" or "subtle"). The defaults (none, classic) are exact no-ops.
+    mimics: tuple[tuple[str, float], ...] = ()
+    tumour_look: str = "classic"
 
     def __post_init__(self) -> None:
         # Truth files store tuples as JSON lists and the look as an object; normalise so that a reloaded
@@ -153,6 +239,7 @@ class SynthSpec:
             object.__setattr__(self, "look", ScannerLook.from_json(self.look))
         if self.look.jpeg_quality is not None:
             object.__setattr__(self, "jpeg_quality", self.look.jpeg_quality)
+        object.__setattr__(self, "mimics", tuple((str(name), float(share)) for name, share in self.mimics))
         problems = []
         if not (64 <= self.width <= 400_000 and 64 <= self.height <= 400_000):
             problems.append(f"width x height {self.width}x{self.height} must each be within 64..400000 px")
@@ -174,7 +261,7 @@ class SynthSpec:
             problems.append("rgb_coded_jpeg needs jpeg_tables (Aperio's RGB-coded tiles share tables)")
         if self.fmt == "svs" and not self.with_mpp:
             problems.append("with_mpp=False is only possible with fmt='tiff' (Aperio always records MPP)")
-        problems += self._effect_problems()
+        problems += self._effect_problems() + self._mimic_problems()
         if problems:
             raise ValueError("invalid SynthSpec: " + "; ".join(problems))
 
@@ -200,6 +287,23 @@ class SynthSpec:
                 f"nucleus_scale {self.nucleus_scale} must be within "
                 f"{NUCLEUS_SCALE_RANGE[0]}..{NUCLEUS_SCALE_RANGE[1]} (1.0 = unchanged)"
             )
+        return problems
+
+    def _mimic_problems(self) -> list[str]:
+        problems = []
+        if self.tumour_look not in TUMOUR_LOOKS:
+            problems.append(f"tumour_look {self.tumour_look!r} must be one of {', '.join(TUMOUR_LOOKS)}")
+        names = [name for name, _ in self.mimics]
+        unknown = sorted(set(names) - set(MIMIC_CLASSES))
+        if unknown:
+            problems.append(f"mimics {unknown} unknown: choose from {', '.join(MIMIC_CLASSES)}")
+        if len(set(names)) != len(names):
+            problems.append(f"mimics {names} name a class more than once")
+        bad = [f"{name}={share}" for name, share in self.mimics if not 0.0 < share <= 0.5]
+        if bad:
+            problems.append(f"mimic shares {', '.join(bad)} must be within 0 (exclusive)..0.5 of the tissue")
+        if sum(share for _, share in self.mimics) + self.tumour_fraction > 0.95:
+            problems.append("mimic shares plus tumour_fraction must leave at least 5% of the tissue normal")
         return problems
 
     @property
@@ -243,6 +347,10 @@ class SlideTruth:
     identifying_properties: dict[str, str] = field(default_factory=dict)
     artefact_masks: dict[str, BoolArray] = field(default_factory=dict)  # pen/blur/debris/faint, mask grid
     pen_masks: dict[str, BoolArray] = field(default_factory=dict)  # per pen colour drawn, mask grid
+    # With mimics (or a subtle tumour): every class's share of the tissue area ("normal", "tumour", mimics)
+    # and each mimic's mask (mask grid, exclusive of tumour and of each other). Empty otherwise.
+    class_fractions: dict[str, float] = field(default_factory=dict)
+    class_masks: dict[str, BoolArray] = field(default_factory=dict)
 
     @property
     def truth_json_path(self) -> Path:

@@ -411,7 +411,10 @@ def _artefacts_for(spec: SynthSpec, layout: Layout) -> Artefacts | None:
 def _truth_from_layout(
     path: Path, spec: SynthSpec, layout: Layout, artefacts: Artefacts | None = None
 ) -> SlideTruth:
+    from wsitk.shared.slides.synth.mimics import class_fractions
+
     tissue, tumour = layout.tissue_mask, layout.tumour_mask
+    by_class = bool(spec.mimics) or spec.tumour_look != "classic"
     tissue_cells = int(tissue.sum())
     actual = float(tumour.sum() / tissue_cells) if tissue_cells else 0.0
     return SlideTruth(
@@ -444,6 +447,8 @@ def _truth_from_layout(
                 if any(stroke.colour == colour for stroke in artefacts.pens)
             }
         ),
+        class_fractions=class_fractions(layout) if by_class else {},
+        class_masks=layout.mimic_masks,
     )
 
 
@@ -465,6 +470,8 @@ def _write_truth(truth: SlideTruth) -> None:
         "identifying_properties": truth.identifying_properties,
         "spec": _spec_json(truth.spec),
     }
+    if truth.class_fractions:  # only with mimics or a subtle tumour: other truth files stay as they were
+        summary["class_fractions"] = truth.class_fractions
     truth.truth_json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     with truth.mask_path.open("wb") as handle:
         arrays: dict[str, NDArray[Any]] = {
@@ -473,6 +480,7 @@ def _write_truth(truth: SlideTruth) -> None:
             "downsample": np.asarray(truth.mask_downsample),
             **{f"artefact_{kind}": mask for kind, mask in truth.artefact_masks.items()},
             **{f"pen_{colour}": mask for colour, mask in truth.pen_masks.items()},
+            **{f"class_{name}": mask for name, mask in truth.class_masks.items()},
         }
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
 
@@ -482,6 +490,10 @@ def _spec_json(spec: SynthSpec) -> dict[str, Any]:
     summary = dataclasses.asdict(spec)
     if spec.look == ScannerLook():
         del summary["look"]
+    if not spec.mimics:
+        del summary["mimics"]
+    if spec.tumour_look == "classic":
+        del summary["tumour_look"]
     return summary
 
 
@@ -507,6 +519,11 @@ def load_truth(path: Path) -> SlideTruth:
             for colour in PEN_COLOURS
             if f"pen_{colour}" in masks.files
         }
+        class_masks = {
+            name.removeprefix("class_"): masks[name].astype(bool)
+            for name in masks.files
+            if name.startswith("class_")
+        }
     return SlideTruth(
         path=path,
         label=summary["label"],
@@ -525,6 +542,8 @@ def load_truth(path: Path) -> SlideTruth:
         identifying_properties=summary.get("identifying_properties", {}),
         artefact_masks=artefact_masks,
         pen_masks=pen_masks,
+        class_fractions=summary.get("class_fractions", {}),
+        class_masks=class_masks,
     )
 
 
