@@ -23,4 +23,7 @@ def test_bench_pipeline_quick_one_process_reports_every_stage(
     assert 0 < one["tiles_accepted"] <= one["tiles_planned"]
     assert set(one["stage_seconds"]) == {"ingest", "tiler", "quality-filter", "embedder", "mil-scorer"}
     assert all(rate > 0 for rate in one["stage_tiles_per_s"].values())
-    assert one["wall_s"] >= sum(one["stage_seconds"].values()) * 0.99
+    # the stages run one after another inside the wall time; each figure is rounded to 0.01 s, so their
+    # sum may exceed the (rounded) wall time by up to half a hundredth per figure
+    rounding = 0.005 * (len(one["stage_seconds"]) + 1)
+    assert one["wall_s"] + rounding >= sum(one["stage_seconds"].values()) * 0.99
