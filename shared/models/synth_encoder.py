@@ -422,5 +422,6 @@ def train_synth_encoder(
         "seconds": round(time.perf_counter() - started, 1),
         "data": "synthetic pretraining slides only (no cohort's slides); not validated on real tissue",
     }
-    out_path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    text = json.dumps(report, indent=2) + "\n"
+    out_path.with_suffix(".json").write_text(text)
+    return dict(json.loads(text))  # as the file reads back (tuples become lists)
