@@ -329,6 +329,19 @@ def _confusion(network: Any, head: Any, tiles: np.ndarray, labels: np.ndarray) -
     return matrix
 
 
+def _unseen_lab_report(matrix: np.ndarray) -> dict[str, Any]:
+    """What the report says of the validation slides in the unseen lab's look, from their confusion matrix."""
+    look, shift = unseen_lab()
+    recall = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
+    return {
+        "look": look.to_json(),
+        "stain_shift": list(shift),
+        "balanced_accuracy": round(float(recall.mean()), 4),
+        "recall": {c: round(float(recall[i]), 4) for i, c in enumerate(CLASSES)},
+        "confusion": matrix.tolist(),
+    }
+
+
 def train_synth_encoder(
     out_path: Path,
     *,
@@ -397,9 +410,8 @@ def train_synth_encoder(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), out_path)
     matrix = _confusion(network, head, val_x, val_y)
-    unseen = _confusion(network, head, unseen_x, unseen_y)
-    unseen_recall = unseen.diagonal() / np.maximum(unseen.sum(1), 1)
-    progress(f"[encoder] unseen lab: balanced accuracy {unseen_recall.mean():.3f}")
+    unseen = _unseen_lab_report(_confusion(network, head, unseen_x, unseen_y))
+    progress(f"[encoder] unseen lab: balanced accuracy {unseen['balanced_accuracy']:.3f}")
     report = {
         "encoder": "small-cnn-synth",
         "seed": seed,
@@ -411,13 +423,7 @@ def train_synth_encoder(
             c: round(float(matrix[i, i] / max(matrix[i].sum(), 1)), 4) for i, c in enumerate(CLASSES)
         },
         "val_confusion": matrix.tolist(),
-        "unseen_lab": {
-            "look": unseen_lab()[0].to_json(),
-            "stain_shift": list(unseen_lab()[1]),
-            "balanced_accuracy": round(float(unseen_recall.mean()), 4),
-            "recall": {c: round(float(unseen_recall[i]), 4) for i, c in enumerate(CLASSES)},
-            "confusion": unseen.tolist(),
-        },
+        "unseen_lab": unseen,
         "history": history,
         "seconds": round(time.perf_counter() - started, 1),
         "data": "synthetic pretraining slides only (no cohort's slides); not validated on real tissue",
