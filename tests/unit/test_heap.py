@@ -15,8 +15,8 @@ def rss_mib():
 big = bytearray(8 * 1024 * 1024)
 del big  # glibc raises its dynamic threshold to the largest mapping freed
 blocks, keepers = [], []
-for _ in range(200):  # 1 MiB buffers, each followed by a small long-lived one: a fragmented heap
-    blocks.append(bytearray(1024 * 1024))
+for _ in range(100):  # 2 MiB buffers, each followed by a small long-lived one: a fragmented heap
+    blocks.append(bytearray(2 * 1024 * 1024))
     keepers.append(bytearray(4096))  # from malloc, not Python's small-object pool
 peak = rss_mib()
 del blocks
