@@ -13,7 +13,8 @@ and below a shard's bytes and a batch. At 128 KiB every tile-sized array was a f
 page by page and unmapped on free: quality-filter's benchmark ran at 966-1,473 tiles/s against
 2,530-3,057 without the setting (3.0 s of system time against 0.1 s, 2.0 M page faults against 48 k),
 and every service in the pipeline paid it. At 1 MiB: 2,230-2,430 tiles/s, and the embedder's 64-shard
-peak is the same as at 128 KiB (523-526 MiB; 588 MiB without the setting).
+peak is the same as at 128 KiB (523-526 MiB; 588 MiB without the setting). The embedder keeps 128 KiB
+(``SERVICE_MMAP_THRESHOLDS``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ log = get_logger()
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 DEFAULT_MMAP_THRESHOLD = 1024 * 1024
+#: Services whose large arrays are whole batches rather than single tiles keep the lower threshold: the
+#: embedder's CPU in the pipeline was the same at 128 KiB and 1 MiB, its 100,000 px slide peak 35 MiB
+#: lower at 128 KiB (docs/throughput.md).
+SERVICE_MMAP_THRESHOLDS = {"embedder": 128 * 1024}
+
+
+def service_threshold(service: str) -> int:
+    """The mmap threshold ``wsi run SERVICE`` fixes."""
+    return SERVICE_MMAP_THRESHOLDS.get(service, DEFAULT_MMAP_THRESHOLD)
 
 
 def return_large_blocks(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:

@@ -21,14 +21,14 @@ from pathlib import Path
 
 def _one(model_dir: Path, shards: int, fetch_ahead: int, default_malloc: bool) -> dict[str, float]:
     from wsitk.services.embedder.engine import EmbeddingEngine
-    from wsitk.shared.heap import return_large_blocks
+    from wsitk.shared.heap import return_large_blocks, service_threshold
     from wsitk.shared.models.runtime import open_backbone
     from wsitk.shared.objectstore import FilesystemObjectStore
 
     from tests.benchmarks import bench_embedder as be
 
     if not default_malloc:
-        return_large_blocks()
+        return_large_blocks(service_threshold("embedder"))
     with tempfile.TemporaryDirectory() as work:
         store = FilesystemObjectStore(Path(work))
         store.ensure_bucket(be.BUCKET)

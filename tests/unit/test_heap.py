@@ -32,3 +32,12 @@ def _returned_mib(mode: str) -> int:
 def test_freed_megabyte_buffers_go_back_to_the_os_with_the_fixed_threshold() -> None:
     assert _returned_mib("fixed") >= 150
     assert _returned_mib("default") < 50  # what the embedder's resident memory did before
+
+
+def test_tile_sized_arrays_stay_in_the_heap_except_in_the_embedder() -> None:
+    from wsitk.shared.heap import service_threshold
+
+    tile_float32 = 224 * 224 * 3 * 4  # one tile as float32, the largest per-tile array of QC and tiling
+    for service in ("tiler", "quality-filter", "ingest"):
+        assert service_threshold(service) > tile_float32  # no mapping and page faults per tile
+    assert service_threshold("embedder") == 128 * 1024  # batches, not tiles: the lower peak
