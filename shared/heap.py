@@ -29,8 +29,8 @@ log = get_logger()
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 DEFAULT_MMAP_THRESHOLD = 1024 * 1024
 #: Services whose large arrays are whole batches rather than single tiles keep the lower threshold: the
-#: embedder's CPU in the pipeline was the same at 128 KiB and 1 MiB, its 100,000 px slide peak 35 MiB
-#: lower at 128 KiB (docs/throughput.md).
+#: embedder's CPU in the pipeline was the same at 128 KiB and 1 MiB, its 100,000 px slide peak a little
+#: lower at 128 KiB (640 MiB against 651-652 the same day; docs/throughput.md).
 SERVICE_MMAP_THRESHOLDS = {"embedder": 128 * 1024}
 
 
