@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,21 +57,30 @@ SERVICES = ("ingest", "tiler", "quality-filter", "embedder", "mil-scorer", "reco
 TERMINAL = {"predicted", "rejected", "failed", "no_tissue"}
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (the isolated decoders count too)."""
-    total = 0
+def _process_tree(pid: int) -> Iterator[int]:
+    """``pid`` and every live descendant (the isolated decoders too); vanished processes are skipped."""
     stack = [pid]
     while stack:
         current = stack.pop()
+        yield current
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    stack.extend(int(c) for c in handle.read().split())
+        except (OSError, ValueError):
+            continue
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (the isolated decoders count too)."""
+    total = 0
+    for current in _process_tree(pid):
         try:
             with open(f"/proc/{current}/status") as handle:
                 for line in handle:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
                         break
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    stack.extend(int(c) for c in handle.read().split())
         except (OSError, ValueError):
             continue
     return total
@@ -81,16 +91,11 @@ def tree_cpu_seconds(pid: int) -> float:
     already reaped (an isolated decoder that exited counts through its parent's cutime/cstime)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
+    for current in _process_tree(pid):
         try:
             with open(f"/proc/{current}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
             total += sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    stack.extend(int(c) for c in handle.read().split())
         except (OSError, ValueError):
             continue
     return total
