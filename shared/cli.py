@@ -213,11 +213,11 @@ def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def cli_run(args: argparse.Namespace) -> int:
     from wsitk.shared.config import load_settings
-    from wsitk.shared.heap import return_large_blocks, service_threshold
+    from wsitk.shared.heap import configure
 
-    # Every service: resident memory follows its bounded queues, not the history of the process (the
-    # memory table in docs/throughput.md).
-    return_large_blocks(service_threshold(args.service))
+    # Every service: arrays reused from the heap while a batch is handled, its free pages returned after
+    # each batch (shared/heap.py; the memory table in docs/throughput.md).
+    configure()
     module = importlib.import_module(SERVICES[args.service])
     result: int = module.main(load_settings())
     return result

@@ -1,55 +1,85 @@
-"""Keep a long-running process's resident memory at its working set: large buffers go back to the OS.
+"""Keep a long-running process's resident memory at its working set without paying for it per array.
 
-glibc's allocator serves a freed block's size from its heap next time (the "dynamic mmap threshold"
-rises to the largest block freed, up to 32 MiB), so a service that allocates and frees multi-megabyte
-arrays all day (decoded tile chunks, JPEG bytes of shards, features) keeps the high-water mark of its
-heaps, fragmented across threads' arenas. A fixed threshold makes every block above it a mapping of
-its own, returned on free: resident memory follows the bounded working set instead of the history of
-the process. Measured on the embedder (docs/throughput.md): peak 606 -> 519 MiB on 64 shards, and
-within 1.2x of a 3-shard run with the fetch-ahead of 3 shards.
+glibc's allocator, left alone, serves a freed block's size from its heap next time (the "dynamic mmap
+threshold" rises to the largest block freed, up to 32 MiB) and gives memory back only from the top of
+a heap, so a service that allocates and frees multi-megabyte arrays all day (decoded tile batches, JPEG
+bytes of shards, features) keeps the high-water mark of its heaps, fragmented across its threads'
+arenas. Its resident memory then follows the history of the process, not its bounded queues.
 
-The threshold is 1 MiB, above the arrays of one tile (a 224 px RGB tile is 147 KiB, as float32 588 KiB)
-and below a shard's bytes and a batch. At 128 KiB every tile-sized array was a fresh mapping, faulted in
-page by page and unmapped on free: quality-filter's benchmark ran at 966-1,473 tiles/s against
-2,530-3,057 without the setting (3.0 s of system time against 0.1 s, 2.0 M page faults against 48 k),
-and every service in the pipeline paid it. At 1 MiB: 2,230-2,430 tiles/s, and the embedder's 64-shard
-peak is the same as at 128 KiB (523-526 MiB; 588 MiB without the setting). The embedder keeps 128 KiB
-(``SERVICE_MMAP_THRESHOLDS``).
+The first answer here was a low fixed mmap threshold (128 KiB, later 1 MiB): every block above it a
+mapping of its own, returned on free. That bounds memory, but each such array is then zeroed by the
+kernel and faulted in page by page on every use. In the pipeline on the 30,000 px slide quality-filter
+took 2.6 M page faults and 3.9 s of system time for 4.5 s of its own work (its 16-tile batches are
+2.4 MiB as RGB, several times that as float32), and the embedder 0.6 M faults and 2.1 s
+(docs/throughput.md).
+
+Now (``configure``, at a service's start):
+
+* blocks up to 32 MiB (glibc's own ceiling for its dynamic threshold) come from the heap and are reused
+  while a message is handled: no mapping, no fault, per array;
+* the heap is not trimmed on every free (``M_TRIM_THRESHOLD`` high): a batch's arrays freed at the top
+  of a heap stay for the next batch;
+* after each handled batch of messages the runtime calls ``release_free_memory`` (``malloc_trim(0)``):
+  the free pages of every arena, in the middle of a heap as well as at its top, go back to the OS. What
+  a process holds between messages is what it still uses, whatever it allocated while handling one.
+
+Resident memory is then bounded by one batch's working set, not by the slide's size or the process's
+age (the 100,000 px against 10,000 px check in docs/throughput.md); the page faults are paid once per
+batch instead of once per array.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+from typing import Any
 
 from wsitk.shared.logging import get_logger
 
 log = get_logger()
 
-_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-DEFAULT_MMAP_THRESHOLD = 1024 * 1024
-#: Services whose large arrays are whole batches rather than single tiles keep the lower threshold: the
-#: embedder's CPU in the pipeline was the same at 128 KiB and 1 MiB, its 100,000 px slide peak a little
-#: lower at 128 KiB (640 MiB against 651-652 the same day; docs/throughput.md).
-SERVICE_MMAP_THRESHOLDS = {"embedder": 128 * 1024}
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Blocks above this are mappings of their own (glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit).
+MMAP_THRESHOLD = 32 * 1024 * 1024
+#: Free memory at the top of a heap is kept up to this much between explicit trims.
+TRIM_THRESHOLD = 512 * 1024 * 1024
 
 
-def service_threshold(service: str) -> int:
-    """The mmap threshold ``wsi run SERVICE`` fixes."""
-    return SERVICE_MMAP_THRESHOLDS.get(service, DEFAULT_MMAP_THRESHOLD)
-
-
-def return_large_blocks(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes. False (and nothing changed) off glibc."""
+@functools.cache
+def _libc() -> Any:
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+        libc.mallopt  # noqa: B018 - musl and others have no mallopt
+        libc.malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def configure(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Serve arrays up to ``mmap_threshold`` from the heap and keep its free top until the next
+    ``release_free_memory``. False (and nothing changed) off glibc."""
+    libc = _libc()
+    if libc is None:
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
     if not ok:
-        log.warning("mallopt refused the mmap threshold", threshold=threshold)
+        log.warning("mallopt refused a setting", mmap_threshold=mmap_threshold, trim_threshold=trim_threshold)
     return ok
+
+
+def release_free_memory() -> bool:
+    """Give every arena's free pages back to the OS (``malloc_trim(0)``). False off glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

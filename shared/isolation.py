@@ -45,9 +45,9 @@ def _init_child(max_bytes: int, parent_pid: int | None = None) -> None:
         pass
     if max_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
-    from wsitk.shared.heap import return_large_blocks  # the decoder frees large tile buffers all day
+    from wsitk.shared.heap import configure  # the decoder frees large tile buffers all day
 
-    return_large_blocks()
+    configure()  # its work releases free memory as it goes (services/tiler/handler.py, per shard)
 
 
 class IsolatedRunner:

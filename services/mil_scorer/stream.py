@@ -40,6 +40,7 @@ from wsitk.shared.config import Settings, wsi_home
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import MalformedEvent, decode, package_version, pb
 from wsitk.shared.errors import PermanentError
+from wsitk.shared.heap import release_free_memory
 from wsitk.shared.logging import configure_logging, get_logger
 from wsitk.shared.metrics import (
     BUILD_INFO,
@@ -117,7 +118,10 @@ class ScorerStream:
     async def process(self, message: Incoming) -> None:
         """Deliver one event per the shared rules; returns when its outputs are acknowledged."""
         started = time.perf_counter()
-        await self.policy.deliver([message], call_each(self.handle, _in_thread), self.send_all)
+        try:
+            await self.policy.deliver([message], call_each(self.handle, _in_thread), self.send_all)
+        finally:
+            release_free_memory()  # as the runtime does after each batch (shared/heap.py)
         HANDLE_SECONDS.labels(SERVICE, message.topic).observe(time.perf_counter() - started)
 
 

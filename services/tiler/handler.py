@@ -92,6 +92,7 @@ def tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dic
 def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> dict[str, Any]:
     import numpy as np
     import openslide
+    from wsitk.shared.heap import release_free_memory
     from wsitk.shared.shards import pack_shard
     from wsitk.shared.slides.fastread import open_fast_reader
     from wsitk.shared.slides.reader import mpp_for
@@ -177,6 +178,7 @@ def _tile_slide(path: str, profile_json: str, out_dir: str, slide_id: str) -> di
                 "background": tissue.background.to_dict(),  # QC measures tissue against this glass
             }
             _write_whole(out / f"{shard_id_for(index)}.shard", pack_shard(header, cutter.tiles(indices)))
+            release_free_memory()  # the shard's buffers go back to the OS (shared/heap.py)
         if fast is not None:
             fast.close()
     return {**plan, "tiles_passed_through": cutter.passed_through}

@@ -50,6 +50,7 @@ from wsitk.shared.config import Settings
 from wsitk.shared.contracts import MalformedEvent, package_version
 from wsitk.shared.db.connection import Database
 from wsitk.shared.errors import TransientError, is_transient
+from wsitk.shared.heap import release_free_memory
 from wsitk.shared.logging import configure_logging, get_logger
 from wsitk.shared.metrics import (
     BATCH_SIZE,
@@ -263,7 +264,7 @@ class ServiceRuntime:
         return task.result()
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        task = asyncio.ensure_future(asyncio.to_thread(_then_release, fn, *args))
         return await self._keepalive_until(task)
 
     async def _infra_pause(self, what: str, exc: BaseException, delay: float = 1.0) -> None:
@@ -416,6 +417,16 @@ COMMIT_PAUSE_DIR = "WSI_TEST_COMMIT_PAUSE_DIR"
 #: KEEPALIVE_POLL_MS, then waits for the worker for at most KEEPALIVE_WAIT_S, and again.
 KEEPALIVE_POLL_MS = 20
 KEEPALIVE_WAIT_S = 0.5
+
+
+def _then_release(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, then what it freed goes back to the OS (``shared/heap.py``): each message (or a
+    batch handler's batch) may run on another of the pool's threads, each with its own malloc arena, and
+    an arena would otherwise keep one message's working set until the next message that lands on it."""
+    try:
+        return fn(*args)
+    finally:
+        release_free_memory()
 
 
 async def pause_before_commit(service: str) -> None:

@@ -1,43 +1,99 @@
-"""``return_large_blocks``: freed multi-megabyte buffers leave the process instead of its heap."""
+"""``shared/heap.py``: batch-sized arrays are reused from the heap while work runs (no page fault per
+array), and what was freed goes back to the OS when ``release_free_memory`` is called."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 _SCENARIO = """
-import sys
-from wsitk.shared.heap import return_large_blocks
-if sys.argv[1] == "fixed":
-    assert return_large_blocks()
+import json, resource, sys
+import numpy as np
+from wsitk.shared import heap
+mode = sys.argv[1]
+if mode == "configured":
+    assert heap.configure()
+elif mode == "low-threshold":  # the earlier setting: every block above 1 MiB a mapping of its own
+    assert heap.configure(mmap_threshold=1024 * 1024, trim_threshold=1024 * 1024)
 def rss_mib():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
-big = bytearray(8 * 1024 * 1024)
-del big  # glibc raises its dynamic threshold to the largest mapping freed
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+# Work as quality-filter does it: a 16-tile batch (2.4 MiB as RGB) and its float32 copy, 200 times.
+before = faults()
+for _ in range(200):
+    batch = np.ones((16, 224, 224, 3), np.uint8)
+    as_float = batch.astype(np.float32)
+    del batch, as_float
+per_batch = (faults() - before) / 200
+# A fragmented heap: 2 MiB buffers, each followed by a small long-lived one.
 blocks, keepers = [], []
-for _ in range(100):  # 2 MiB buffers, each followed by a small long-lived one: a fragmented heap
+for _ in range(100):
     blocks.append(bytearray(2 * 1024 * 1024))
     keepers.append(bytearray(4096))  # from malloc, not Python's small-object pool
 peak = rss_mib()
 del blocks
-print(peak - rss_mib())
+kept = peak - rss_mib()
+heap.release_free_memory()
+returned = peak - rss_mib()
+print(json.dumps({"faults_per_batch": per_batch, "freed_on_del_mib": kept, "returned_mib": returned}))
 """
 
 
-def _returned_mib(mode: str) -> int:
+def _run(mode: str) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", _SCENARIO, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
-def test_freed_megabyte_buffers_go_back_to_the_os_with_the_fixed_threshold() -> None:
-    assert _returned_mib("fixed") >= 150
-    assert _returned_mib("default") < 50  # what the embedder's resident memory did before
+def test_batch_arrays_are_reused_not_faulted_in_each_time() -> None:
+    configured = _run("configured")
+    low = _run("low-threshold")
+    # 2.4 + 9.6 MiB touched per batch: over a thousand faults when each array is a fresh mapping
+    assert low["faults_per_batch"] > 1000, low
+    assert configured["faults_per_batch"] < 100, configured
 
 
-def test_tile_sized_arrays_stay_in_the_heap_except_in_the_embedder() -> None:
-    from wsitk.shared.heap import service_threshold
+def test_freed_buffers_go_back_to_the_os_when_released() -> None:
+    configured = _run("configured")
+    assert configured["freed_on_del_mib"] < 50, configured  # kept for reuse until the batch is done ...
+    assert configured["returned_mib"] >= 150, configured  # ... then returned, holes in the heap included
+    default = _run("default")
+    assert default["returned_mib"] >= 150, default  # malloc_trim works without the settings too
 
-    tile_float32 = 224 * 224 * 3 * 4  # one tile as float32, the largest per-tile array of QC and tiling
-    for service in ("tiler", "quality-filter", "ingest"):
-        assert service_threshold(service) > tile_float32  # no mapping and page faults per tile
-    assert service_threshold("embedder") == 128 * 1024  # batches, not tiles: the lower peak
+
+_THREAD_SCENARIO = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from wsitk.shared import heap
+from wsitk.shared.bus.runtime import _then_release
+assert heap.configure()
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+def handle():  # a message's work on a pool thread (its own arena): fragmented, then freed
+    blocks, keepers = [], []
+    for _ in range(100):
+        blocks.append(bytearray(2 * 1024 * 1024))
+        keepers.append(bytearray(4096))
+    peak = rss_mib()
+    del blocks
+    return peak, keepers
+with ThreadPoolExecutor(1) as pool:
+    if sys.argv[1] == "released":
+        peak, keepers = pool.submit(_then_release, handle).result()
+    else:
+        peak, keepers = pool.submit(handle).result()
+    print(json.dumps({"kept_mib": rss_mib() - (peak - 200)}))
+"""
+
+
+def test_the_runtime_returns_a_messages_memory_from_the_workers_arena() -> None:
+    def kept(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _THREAD_SCENARIO, mode], capture_output=True, text=True, check=True
+        )
+        return int(json.loads(out.stdout.strip().splitlines()[-1])["kept_mib"])
+
+    assert kept("kept") >= 150  # the worker thread's arena keeps the freed 2 MiB buffers ...
+    assert kept("released") < 50  # ... unless the handler call releases them (shared/bus/runtime.py)
