@@ -5,8 +5,8 @@ slides) and an object store (S3 or the filesystem backend), so the same code run
 benchmark and on a machine with no servers at all. How it keeps the model busy:
 
 - **Full batches across shards and slides.** The accepted tiles of consecutive shards are packed into
-  model batches of exactly ``encoder.batch_size`` tiles (only the very last batch of a run is partial),
-  and the features are split back per shard afterwards. A shard of 7 accepted tiles does not cost a
+  model batches of exactly ``encoder.batch_size`` tiles (only the very last batch of a run is partial,
+  padded to the next power of two: ``padded_batch_size``), and the features are split back per shard afterwards. A shard of 7 accepted tiles does not cost a
   model call of 7.
 - **Decoding and preprocessing overlap inference.** Shards are fetched ahead on I/O threads; each batch
   is cut into chunks that CPU threads decode (libjpeg-turbo, which releases the GIL), stain-normalise,
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from wsitk.shared.cpus import usable_cpus
+from wsitk.shared.heap import release_free_memory
 from wsitk.shared.keys import embedding_key
 from wsitk.shared.objectstore import ObjectStore, StoredObject
 from wsitk.shared.shards import Shard
@@ -100,6 +101,8 @@ class _ShardState:
     features: np.ndarray | None = None
     remaining: int = 0
     error: BaseException | None = None
+    header: dict[str, Any] = field(default_factory=dict)  # kept for the write once the bytes are dropped
+    coords: np.ndarray | None = None
 
 
 @dataclass
@@ -117,6 +120,17 @@ class _Batch:
     size: int
     array: np.ndarray | None = None
     chunks: list[tuple[_Segment, Future[None]]] = field(default_factory=list)
+
+
+def padded_batch_size(size: int, batch_size: int) -> int:
+    """The rows a batch of ``size`` tiles is run with: a partial batch (the last of a run) is padded with
+    zeros to the next power of two, at most ``batch_size``, so the model sees a handful of input shapes
+    instead of every size from 1 to ``batch_size``. ONNX Runtime's memory arena grows for each new shape
+    and keeps what it grew (the embedder's peak on a 100,000 px slide, whose runs end in partial batches
+    of many sizes: docs/throughput.md, memory); the padding costs at most as many rows as the tail."""
+    if size >= batch_size:
+        return size
+    return min(batch_size, 1 << max(size - 1, 0).bit_length())
 
 
 def _default_workers() -> int:
@@ -260,7 +274,9 @@ class EmbeddingEngine:
             yield _Batch(segments, filled)
 
     def _submit(self, batch: _Batch, stats: EngineStats) -> None:
-        batch.array = self.encoder.batch_array(batch.size)
+        batch.array = self.encoder.batch_array(padded_batch_size(batch.size, int(self.encoder.batch_size)))
+        if len(batch.array) > batch.size:
+            batch.array[batch.size :] = 0
         for segment in batch.segments:
             for start in range(0, len(segment.tiles), self.chunk_tiles):
                 part = _Segment(
@@ -308,7 +324,7 @@ class EmbeddingEngine:
         started = time.perf_counter()
         stats.wait_s += started - waited
         try:
-            features = self.encoder.infer(batch.array)
+            features = self.encoder.infer(batch.array)[: batch.size]
         except Exception as exc:  # noqa: BLE001 - every shard of the batch fails with it, classified later
             for segment in batch.segments:
                 segment.state.error = segment.state.error or exc
@@ -325,23 +341,30 @@ class EmbeddingEngine:
             state.features[segment.tiles] = rows.astype(np.float16)
             state.remaining -= len(segment.tiles)
             if state.remaining == 0 and state.error is None:
+                # Every tile is decoded and embedded: the shard's JPEG bytes go now, not when its write
+                # is done (writes can queue behind fetches on the I/O threads, and a run holds up to
+                # WSI_EMBED_MESSAGES_PER_BATCH shards).
+                assert state.shard is not None
+                state.header, state.coords = state.shard.header, state.shard.coords[state.keep]
+                state.shard = None
                 writes[state.index] = self._io_pool.submit(self._write, state, stats)
 
     def _write(self, state: _ShardState, stats: EngineStats) -> StoredObject:
         started = time.perf_counter()
-        assert state.shard is not None and state.features is not None
-        header = state.shard.header
+        assert state.coords is not None and state.features is not None
+        header = state.header
         buffer = io.BytesIO()
         np.savez(
             buffer,
             features=state.features,
-            coords=state.shard.coords[state.keep],
+            coords=state.coords,
             tile_size=np.int64(header.get("tile_size", 0)),
             tile_size_level0=np.float64(header.get("tile_size_level0", 0.0)),
             mpp=np.float64(header.get("mpp", 0.0)),
             tile_mpp=np.float64(header.get("tile_mpp", header.get("mpp", 0.0))),  # older shards: resampled
         )
         stored = self.store.put_if_absent(self.artifacts_bucket, self.key_for(state.job), buffer.getvalue())
-        state.shard, state.features = None, None  # release the shard's bytes and features early
+        state.coords, state.features = None, None  # release the shard's features early
+        release_free_memory()  # a batch of messages holds up to 32 shards: return each one's pages as it goes
         stats.add("write_s", time.perf_counter() - started)
         return stored

@@ -91,6 +91,11 @@ def create_session(
     # Idle pool threads sleep instead of spinning: the services share a machine's cores (the embedder's
     # decoding threads, quality-filter beside it), and a spinning pool takes cycles they need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if chosen == ["CPUExecutionProvider"]:
+        # The memory pattern pre-plans one block per input shape and keeps it: on the CPU it held 65 MiB
+        # more for the small CNN at batch 64, and one more block for each partial batch's shape, at the
+        # same CPU per tile (docs/throughput.md, memory). Tensors come from the arena one by one instead.
+        options.enable_mem_pattern = False
     providers: list[str | tuple[str, dict[str, Any]]] = [
         (p, dict(provider_options[p])) if provider_options and p in provider_options else p for p in chosen
     ]
@@ -382,8 +387,16 @@ def open_backbone(
     return BackboneRunner(path, batch_size=batch_size, prefer=prefer, intra_op_threads=intra_op_threads)
 
 
-def _torch_cuda_available() -> bool:
-    """Whether torch is installed and sees a CUDA device (imports torch only when it is installed)."""
+#: Device nodes of a GPU driver that torch's CUDA (NVIDIA) or HIP (AMD ROCm) build could use.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
+
+
+def _torch_cuda_available(device_nodes: Sequence[str] = GPU_DEVICE_NODES) -> bool:
+    """Whether torch is installed and sees a CUDA device. torch is imported only when it is installed
+    and a GPU driver is present: on a machine without one, importing it would only add about 100 MiB
+    to the embedder's resident memory (docs/throughput.md, memory) to learn that there is no GPU."""
+    if not any(Path(node).exists() for node in device_nodes):
+        return False
     if importlib.util.find_spec("torch") is None:
         return False
     import torch

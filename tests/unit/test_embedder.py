@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from wsitk.services.embedder.engine import EmbeddingEngine, ShardEmbedded, ShardJob
+from wsitk.services.embedder.engine import EmbeddingEngine, ShardEmbedded, ShardJob, padded_batch_size
 from wsitk.shared.keys import embedding_key
 from wsitk.shared.models.export import export_backbone
 from wsitk.shared.models.runtime import BackboneRunner
@@ -98,6 +98,27 @@ def test_batches_fill_across_shards_and_slides_and_features_split_back(
         serial = runner.embed(decoded[mask])  # one shard alone, no cross-shard batching
         np.testing.assert_allclose(stored["features"].astype(np.float32), serial, rtol=2e-3, atol=2e-3)
         assert not np.allclose(_tiles(len(tiles), 99)[:1], tiles[:1])
+
+
+def test_a_partial_last_batch_is_padded_to_a_power_of_two_and_its_padding_discarded(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    store = FilesystemObjectStore(tmp_path / "store")
+    runner = BackboneRunner(model_dir / "a.onnx", batch_size=8, prefer=("CPUExecutionProvider",))
+    encoder = RecordingEncoder(runner)
+    tiles = _tiles(11, 5)  # one full batch of 8, then 3 tiles: run as 4 rows, the last one zeros
+    job = ShardJob("slide-a", "run1", "s00000", BUCKET, _put_shard(store, "slide-a", "s00000", tiles))
+    with EmbeddingEngine(encoder, store, artifacts_bucket=BUCKET, decode_workers=1) as engine:
+        (result,) = engine.run([job])
+    assert encoder.calls == [8, 4]
+    assert isinstance(result, ShardEmbedded) and result.stored is not None
+    features = _load(store, result.stored.key)["features"]
+    assert features.shape == (11, 128)
+    from wsitk.shared.shards import Shard
+
+    decoded = np.stack([d for _, d in Shard(store.get_bytes(BUCKET, job.shard_key)).iter_decoded()])
+    np.testing.assert_allclose(features.astype(np.float32), runner.embed(decoded), rtol=2e-3, atol=2e-3)
+    assert [padded_batch_size(n, 64) for n in (1, 3, 4, 5, 33, 64, 70)] == [1, 4, 4, 8, 64, 64, 70]
 
 
 def test_outputs_are_put_if_absent_and_two_backbones_never_mix(tmp_path: Path, model_dir: Path) -> None:
@@ -262,3 +283,27 @@ def test_benchmark_smoke_form_runs_and_reports_both_throughputs() -> None:
     assert report["bare_tiles_per_s"] > 0 and report["end_to_end_tiles_per_s"] > 0
     assert report["engine"]["tiles"] == report["tiles_embedded"] > 0
     assert report["export"]["max_rel_diff_vs_torch"] <= 1e-3
+
+
+def test_the_auto_backend_imports_torch_only_where_a_gpu_driver_is_present() -> None:
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from wsitk.shared.models.runtime import _torch_cuda_available
+nodes = sys.argv[1:]
+print(_torch_cuda_available(nodes), "torch" in sys.modules)
+"""
+
+    def run(*nodes: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", script, *nodes], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    assert run("/no/such/driver") == "False False"  # no driver: no import, about 100 MiB saved
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:  # a driver node (here: any path that exists)
+        assert run("/").endswith(" True")  # ... and torch is asked
