@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from wsitk.shared.heap import release_free_memory
 from wsitk.shared.slides.optical import (
     DEFAULT_BACKGROUND,
     INK_NAMES,
@@ -123,6 +124,8 @@ CODE_BRIGHT = 1 << 5
 #: instead of through it, and shards of many slides arrive interleaved: only a slide that keeps coming
 #: gets one.
 TABLE_AFTER_PIXELS = 2000 * 112 * 112
+#: Red levels per ``colour_codes`` call while building the table (a divisor of 8).
+_BUILD_RED_LEVELS = 2
 #: Colour tables kept (16 MiB each), least recently used dropped first.
 TABLES_KEPT = 4
 _TABLES: dict[tuple[Any, ...], tuple[NDArray[np.uint8], NDArray[np.uint8]]] = {}
@@ -177,22 +180,28 @@ def colour_table(background: Background) -> tuple[NDArray[np.uint8], NDArray[np.
 
 
 def _build_tables(background: Background) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
-    """``colour_table``'s two tables, built one coarse cell's worth of red levels (8) at a time, half of
-    it per ``colour_codes`` call: the float temporaries stay about 12 MiB beside the 16 MiB table, so a
-    large slide's quality-filter peaks little above a small slide's (docs/throughput.md, memory)."""
+    """``colour_table``'s two tables, built ``_BUILD_RED_LEVELS`` red levels per ``colour_codes`` call and
+    one coarse row of cells (8 red levels) at a time: the float temporaries stay about 4 MiB beside the
+    16 MiB table, so a large slide's quality-filter peaks little above a small slide's
+    (docs/throughput.md, memory). The heap's free pages are returned before and after (``shared/heap.py``):
+    the build happens once per slide, in the middle of a message, beside that message's freed arrays."""
+    release_free_memory()
+    step = _BUILD_RED_LEVELS
     levels = np.arange(256, dtype=np.uint8)
     full = np.empty(1 << 24, dtype=np.uint8)
     coarse = np.empty((32, 32, 32), dtype=np.uint8)
-    slab = np.empty((4, 256, 256, 3), dtype=np.uint8)
+    slab = np.empty((step, 256, 256, 3), dtype=np.uint8)
     slab[..., 1] = levels[None, :, None]
     slab[..., 2] = levels[None, None, :]
-    for red in range(0, 256, 4):
-        slab[..., 0] = levels[red : red + 4, None, None]
-        full[red << 16 : (red + 4) << 16] = colour_codes(slab, background).reshape(-1)
-        if red % 8 == 4:  # one coarse row of cells complete: red levels red-4 .. red+3
-            cells = full[(red - 4) << 16 : (red + 4) << 16].reshape(8, 32, 8, 32, 8)
+    for red in range(0, 256, step):
+        slab[..., 0] = levels[red : red + step, None, None]
+        full[red << 16 : (red + step) << 16] = colour_codes(slab, background).reshape(-1)
+        if red % 8 == 8 - step:  # one coarse row of cells complete: red levels red+step-8 .. red+step-1
+            first = red + step - 8
+            cells = full[first << 16 : (first + 8) << 16].reshape(8, 32, 8, 32, 8)
             lowest, highest = cells.min(axis=(0, 2, 4)), cells.max(axis=(0, 2, 4))
             coarse[red // 8] = np.where(lowest == highest, lowest, MIXED_CELL)
+    release_free_memory()
     return full, coarse.reshape(-1)
 
 
