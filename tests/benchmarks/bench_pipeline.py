@@ -33,6 +33,7 @@ so the pipeline cannot overlap much; the figure is the price of the architecture
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -44,6 +45,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,54 +154,58 @@ def run_inprocess(slides: list[Path], models: Path, workdir: Path) -> dict[str, 
     encoder = open_backbone(models / manifest["backbone"]["path"], batch_size=settings.embed_batch_size)
     mil = MilRunner(models / manifest["mil"]["path"])
     seconds = dict.fromkeys(("ingest", "tiler", "quality-filter", "embedder", "mil-scorer"), 0.0)
+    cpu = dict.fromkeys(seconds, 0.0)  # CPU seconds of this process (all its threads) per stage
+
+    @contextlib.contextmanager
+    def timed(stage: str) -> Iterator[None]:
+        wall, used = time.perf_counter(), _own_cpu_seconds()
+        yield
+        seconds[stage] += time.perf_counter() - wall
+        cpu[stage] += _own_cpu_seconds() - used
+
     tiles = {"planned": 0, "accepted": 0}
     cpu_start = _own_cpu_seconds()
     started_all = time.perf_counter()
     try:
         with EmbeddingEngine(encoder, store, artifacts_bucket=bucket) as engine:
             for slide in slides:
-                t = time.perf_counter()
-                slide_id = sha256_file(slide)[:32]
-                inspect_slide(slide, max_pixels=settings.max_slide_pixels)
-                seconds["ingest"] += time.perf_counter() - t
+                with timed("ingest"):
+                    slide_id = sha256_file(slide)[:32]
+                    inspect_slide(slide, max_pixels=settings.max_slide_pixels)
 
-                t = time.perf_counter()
-                out = scratch / slide_id
-                out.mkdir()
-                plan = tile_slide(str(slide), json_format.MessageToJson(profile), str(out), slide_id)
-                assert isinstance(plan, dict), plan
-                shard_keys = []
-                for shard in plan["shards"]:
-                    key = f"tiles/{slide_id}/bench/{shard['shard_id']}.shard"
-                    store.put_file_if_absent(bucket, key, out / f"{shard['shard_id']}.shard")
-                    shard_keys.append((shard["shard_id"], key))
-                seconds["tiler"] += time.perf_counter() - t
+                with timed("tiler"):
+                    out = scratch / slide_id
+                    out.mkdir()
+                    plan = tile_slide(str(slide), json_format.MessageToJson(profile), str(out), slide_id)
+                    assert isinstance(plan, dict), plan
+                    shard_keys = []
+                    for shard in plan["shards"]:
+                        key = f"tiles/{slide_id}/bench/{shard['shard_id']}.shard"
+                        store.put_file_if_absent(bucket, key, out / f"{shard['shard_id']}.shard")
+                        shard_keys.append((shard["shard_id"], key))
                 tiles["planned"] += plan["total_tiles"]
 
-                t = time.perf_counter()
-                jobs = []
-                for shard_id, key in shard_keys:
-                    report = assess_shard(Shard(store.get_bytes(bucket, key)), profile)
-                    accepted = np.array(report["accepted"], dtype=bool)
-                    tiles["accepted"] += int(accepted.sum())
-                    jobs.append(ShardJob(slide_id, "bench", shard_id, bucket, key, accepted))
-                seconds["quality-filter"] += time.perf_counter() - t
+                with timed("quality-filter"):
+                    jobs = []
+                    for shard_id, key in shard_keys:
+                        report = assess_shard(Shard(store.get_bytes(bucket, key)), profile)
+                        accepted = np.array(report["accepted"], dtype=bool)
+                        tiles["accepted"] += int(accepted.sum())
+                        jobs.append(ShardJob(slide_id, "bench", shard_id, bucket, key, accepted))
 
-                t = time.perf_counter()
-                results = engine.run(jobs)
-                seconds["embedder"] += time.perf_counter() - t
+                with timed("embedder"):
+                    results = engine.run(jobs)
 
-                t = time.perf_counter()
-                features = []
-                for result in results:
-                    if isinstance(result, BaseException):
-                        raise result
-                    if result.stored is not None:
-                        with np.load(io.BytesIO(store.get_bytes(bucket, result.stored.key))) as arrays:
-                            features.append(arrays["features"].astype(np.float32))
-                if features:
-                    mil.score(np.concatenate(features))
-                seconds["mil-scorer"] += time.perf_counter() - t
+                with timed("mil-scorer"):
+                    features = []
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result
+                        if result.stored is not None:
+                            with np.load(io.BytesIO(store.get_bytes(bucket, result.stored.key))) as arrays:
+                                features.append(arrays["features"].astype(np.float32))
+                    if features:
+                        mil.score(np.concatenate(features))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     wall = time.perf_counter() - started_all
@@ -208,6 +214,7 @@ def run_inprocess(slides: list[Path], models: Path, workdir: Path) -> dict[str, 
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu_used, 1),
         "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "stage_cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "stage_tiles_per_s": {
             "tiler": round(tiles["planned"] / max(seconds["tiler"], 1e-9), 1),
             "quality-filter": round(tiles["planned"] / max(seconds["quality-filter"], 1e-9), 1),
