@@ -50,9 +50,10 @@ def _run(mode: str) -> dict[str, float]:
 def test_batch_arrays_are_reused_not_faulted_in_each_time() -> None:
     configured = _run("configured")
     low = _run("low-threshold")
-    # 2.4 + 9.6 MiB touched per batch: over a thousand faults when each array is a fresh mapping
-    assert low["faults_per_batch"] > 1000, low
-    assert configured["faults_per_batch"] < 100, configured
+    # 2.4 + 9.6 MiB touched per batch: 900-1,400 faults here when each array is a fresh mapping (fewer
+    # where transparent huge pages are always on), about 4 when the heap reuses it
+    assert configured["faults_per_batch"] < 50, configured
+    assert low["faults_per_batch"] > 10 * max(configured["faults_per_batch"], 1.0), (low, configured)
 
 
 def test_freed_buffers_go_back_to_the_os_when_released() -> None:
