@@ -59,7 +59,8 @@ def test_full_cache_disk_waits_with_a_reason_naming_the_disk_and_recovers(
 
 
 def test_broker_connection_cut_mid_produce_loses_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
-    slides = make_chaos_slides(tmp_path, 1, seed=41, size=(6000, 5000))
+    # large enough that its shard events go out over a second or more, not in one burst the probe misses
+    slides = make_chaos_slides(tmp_path, 1, seed=41, size=(16000, 12000))
     report = faults.broker_cut_mid_produce(pipeline, slides, cuts=2, timeout_s=300)
     assert_promises_kept(report, 1)
     assert int(figure(report, "cuts mid-produce (tiler)").split()[0]) >= 1, "no cut landed mid-produce"
