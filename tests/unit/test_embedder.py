@@ -8,8 +8,11 @@ object store (the same interface as S3). Models are 64 px exports, so the file t
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from wsitk.shared.keys import embedding_key
 from wsitk.shared.models.export import export_backbone
 from wsitk.shared.models.runtime import BackboneRunner
 from wsitk.shared.objectstore import FilesystemObjectStore, StoredObject
-from wsitk.shared.shards import ShardTile, encode_jpeg, pack_shard
+from wsitk.shared.shards import Shard, ShardTile, encode_jpeg, pack_shard
 
 BUCKET = "wsi-artifacts"
 SIZE = 64
@@ -64,6 +67,11 @@ def _put_shard(store: FilesystemObjectStore, slide: str, shard_id: str, tiles: n
     return key
 
 
+def _decoded(store: FilesystemObjectStore, shard_key: str) -> np.ndarray:
+    """Every tile of a stored shard, decoded as the embedder decodes it."""
+    return np.stack([tile for _, tile in Shard(store.get_bytes(BUCKET, shard_key)).iter_decoded()])
+
+
 def _load(store: FilesystemObjectStore, key: str) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(store.get_bytes(BUCKET, key))) as data:
         return {name: data[name] for name in data.files}
@@ -92,10 +100,9 @@ def test_batches_fill_across_shards_and_slides_and_features_split_back(
         assert stored["features"].dtype == np.float16 and stored["features"].shape == (mask.sum(), 128)
         np.testing.assert_array_equal(stored["coords"][:, 0], np.flatnonzero(mask) * 128)
         assert int(stored["tile_size"]) == SIZE and float(stored["tile_size_level0"]) == 128.0
-        from wsitk.shared.shards import Shard
-
-        decoded = np.stack([d for _, d in Shard(store.get_bytes(BUCKET, job.shard_key)).iter_decoded()])
-        serial = runner.embed(decoded[mask])  # one shard alone, no cross-shard batching
+        serial = runner.embed(
+            _decoded(store, job.shard_key)[mask]
+        )  # one shard alone, no cross-shard batching
         np.testing.assert_allclose(stored["features"].astype(np.float32), serial, rtol=2e-3, atol=2e-3)
         assert not np.allclose(_tiles(len(tiles), 99)[:1], tiles[:1])
 
@@ -103,9 +110,8 @@ def test_batches_fill_across_shards_and_slides_and_features_split_back(
 def test_a_partial_last_batch_is_padded_to_a_power_of_two_and_its_padding_discarded(
     tmp_path: Path, model_dir: Path
 ) -> None:
+    encoder = RecordingEncoder(BackboneRunner(model_dir / "a.onnx", batch_size=8))
     store = FilesystemObjectStore(tmp_path / "store")
-    runner = BackboneRunner(model_dir / "a.onnx", batch_size=8, prefer=("CPUExecutionProvider",))
-    encoder = RecordingEncoder(runner)
     tiles = _tiles(11, 5)  # one full batch of 8, then 3 tiles: run as 4 rows, the last one zeros
     job = ShardJob("slide-a", "run1", "s00000", BUCKET, _put_shard(store, "slide-a", "s00000", tiles))
     with EmbeddingEngine(encoder, store, artifacts_bucket=BUCKET, decode_workers=1) as engine:
@@ -114,10 +120,8 @@ def test_a_partial_last_batch_is_padded_to_a_power_of_two_and_its_padding_discar
     assert isinstance(result, ShardEmbedded) and result.stored is not None
     features = _load(store, result.stored.key)["features"]
     assert features.shape == (11, 128)
-    from wsitk.shared.shards import Shard
-
-    decoded = np.stack([d for _, d in Shard(store.get_bytes(BUCKET, job.shard_key)).iter_decoded()])
-    np.testing.assert_allclose(features.astype(np.float32), runner.embed(decoded), rtol=2e-3, atol=2e-3)
+    unpadded = encoder.runner.embed(_decoded(store, job.shard_key))
+    np.testing.assert_allclose(features.astype(np.float32), unpadded, rtol=2e-3, atol=2e-3)
     assert [padded_batch_size(n, 64) for n in (1, 3, 4, 5, 33, 64, 70)] == [1, 4, 4, 8, 64, 64, 70]
 
 
@@ -286,9 +290,6 @@ def test_benchmark_smoke_form_runs_and_reports_both_throughputs() -> None:
 
 
 def test_the_auto_backend_imports_torch_only_where_a_gpu_driver_is_present() -> None:
-    import subprocess
-    import sys
-
     script = """
 import sys
 from wsitk.shared.models.runtime import _torch_cuda_available
@@ -303,7 +304,5 @@ print(_torch_cuda_available(nodes), "torch" in sys.modules)
         return out.stdout.strip().splitlines()[-1]
 
     assert run("/no/such/driver") == "False False"  # no driver: no import, about 100 MiB saved
-    import importlib.util
-
     if importlib.util.find_spec("torch") is not None:  # a driver node (here: any path that exists)
         assert run("/").endswith(" True")  # ... and torch is asked
