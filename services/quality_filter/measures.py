@@ -38,9 +38,9 @@ A limit of 0 in a profile means "the default" for every limit (``QcThresholds.fr
 colour check needs is a function of the averaged pixel's colour and the slide's background:
 ``colour_codes`` gives ink class, tissue, dark and bright in one byte from the functions of
 ``optical.py``, and ``colour_table`` tabulates it for all 2^24 colours once per slide background (about a
-second, 16 MiB; built once ``TABLE_AFTER_PIXELS`` of a slide's tiles have been measured, cached), with a
-32 KiB table of 8 x 8 x 8-colour cells in front of it that answers for the pixels whose cell is uniform
-(all but a few percent). One
+second; built once ``TABLE_AFTER_PIXELS`` of a slide's tiles have been measured, cached): a 32 KiB table
+of 8 x 8 x 8-colour cells answers for the pixels whose cell is uniform (all but a few percent), and only
+the mixed cells keep a code per colour (about 2.5 MiB in all, not 16). One
 histogram of (tile, sharpness block, code) then gives every share and the tissue blocks. The 2 x 2
 averages are rounded half to even as before (``_halve_bytes``); the opening of ink, the dilation of tissue
 and the labelling of empty regions run on the stack laid out as one tall image with empty rows between
@@ -126,12 +126,47 @@ CODE_BRIGHT = 1 << 5
 TABLE_AFTER_PIXELS = 2000 * 112 * 112
 #: Red levels per ``colour_codes`` call while building the table (a divisor of 8).
 _BUILD_RED_LEVELS = 2
-#: Colour tables kept (16 MiB each), least recently used dropped first.
+#: Colour tables kept (about 2.5 MiB each), least recently used dropped first.
 TABLES_KEPT = 4
-_TABLES: dict[tuple[Any, ...], tuple[NDArray[np.uint8], NDArray[np.uint8]]] = {}
-#: ``colour_table``'s coarse entry for a cell whose colours do not all have the same code.
+#: ``ColourTable.coarse``'s entry for a cell whose colours do not all have the same code.
 MIXED_CELL = 255
 _PIXELS_SEEN: dict[tuple[Any, ...], int] = {}
+
+
+@dataclass(frozen=True)
+class ColourTable:
+    """``colour_codes`` of every 24-bit colour on one background, stored by cell of 8 x 8 x 8 colours.
+
+    ``coarse``: per cell (the top five bits of each channel, ``red5 << 10 | green5 << 5 | blue5``), the
+    code all 512 colours of the cell share, or ``MIXED_CELL`` where they differ: 32 KiB that stay in
+    cache and answer for all but a few percent of a tile's pixels. ``slot``: per cell, the row of ``mixed``
+    that holds a mixed cell's 512 codes (indexed ``red3 << 6 | green3 << 3 | blue3`` by the low three
+    bits), -1 for a uniform cell. Only cells near a boundary of some rule are mixed (about 14 % on the
+    default background), so the whole table is about 2.5 MiB instead of the 16 MiB of one byte per colour.
+    """
+
+    coarse: NDArray[np.uint8]  # [32768]
+    slot: NDArray[np.int32]  # [32768]
+    mixed: NDArray[np.uint8]  # [mixed cells, 512]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.coarse.nbytes + self.slot.nbytes + self.mixed.nbytes)
+
+    def lookup(self, packed: NDArray[np.uint32]) -> NDArray[np.uint8]:
+        """Codes of colours packed as ``red << 16 | green << 8 | blue`` (higher bits ignored)."""
+        cell = ((packed >> 9) & 0x7C00) | ((packed >> 6) & 0x3E0) | ((packed >> 3) & 0x1F)
+        codes = np.take(self.coarse, cell)
+        mixed = np.flatnonzero(codes == MIXED_CELL)
+        if len(mixed):
+            colour = packed[mixed]
+            within = ((colour >> 10) & 0x1C0) | ((colour >> 5) & 0x38) | (colour & 0x7)
+            rows = np.take(self.slot, cell[mixed]).astype(np.intp)
+            codes[mixed] = self.mixed.reshape(-1)[rows * 512 + within]
+        return codes
+
+
+_TABLES: dict[tuple[Any, ...], ColourTable] = {}
 
 
 def colour_codes(rgb: ImageArray, background: Background) -> NDArray[np.uint8]:
@@ -160,49 +195,54 @@ def _table_key(background: Background) -> tuple[Any, ...]:
     return (background.white, background.red_ink_blue_ratio, background.tissue_threshold)
 
 
-def colour_table(background: Background) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
-    """(full, coarse) tables of ``colour_codes`` (cached per background).
-
-    ``full``: the code of every 24-bit colour, indexed by ``red << 16 | green << 8 | blue``; built from
-    ``colour_codes`` itself (so from ``shared/slides/optical.py``'s definitions) in slabs of 16 red
-    levels, about a second, 16 MiB. ``coarse``: per cell of 8 x 8 x 8 colours (the top five bits of each
-    channel, ``red5 << 10 | green5 << 5 | blue5``), the code all 512 share, or ``MIXED_CELL`` where they
-    differ: 32 KiB that stay in cache, so only pixels near a boundary of some rule read the full table.
-    """
+def colour_table(background: Background) -> ColourTable:
+    """The ``ColourTable`` of ``background`` (cached: ``TABLES_KEPT`` backgrounds, most recent kept)."""
     key = _table_key(background)
-    tables = _TABLES.pop(key, None)
-    if tables is None:
-        tables = _build_tables(background)
+    table = _TABLES.pop(key, None)
+    if table is None:
+        table = _build_table(background)
         while len(_TABLES) >= TABLES_KEPT:
             _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[key] = tables  # re-inserted: the most recently used is last
-    return tables
+    _TABLES[key] = table  # re-inserted: the most recently used is last
+    return table
 
 
-def _build_tables(background: Background) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
-    """``colour_table``'s two tables, built ``_BUILD_RED_LEVELS`` red levels per ``colour_codes`` call and
-    one coarse row of cells (8 red levels) at a time: the float temporaries stay about 4 MiB beside the
-    16 MiB table, so a large slide's quality-filter peaks little above a small slide's
-    (docs/throughput.md, memory). The heap's free pages are returned before and after (``shared/heap.py``):
-    the build happens once per slide, in the middle of a message, beside that message's freed arrays."""
+def _build_table(background: Background) -> ColourTable:
+    """``colour_table``'s table, from ``colour_codes`` itself (so from ``shared/slides/optical.py``'s
+    definitions), about a second: ``_BUILD_RED_LEVELS`` red levels per ``colour_codes`` call into a buffer
+    of 8 red levels (one row of cells, 512 KiB), whose mixed cells are kept. The float temporaries stay
+    about 4 MiB, so a large slide's quality-filter peaks little above a small slide's (docs/throughput.md,
+    memory). The heap's free pages are returned before and after (``shared/heap.py``): the build happens
+    once per slide, in the middle of a message, beside that message's freed arrays."""
     release_free_memory()
     step = _BUILD_RED_LEVELS
     levels = np.arange(256, dtype=np.uint8)
-    full = np.empty(1 << 24, dtype=np.uint8)
+    row = np.empty(8 << 16, dtype=np.uint8)  # the codes of 8 red levels: one row of 32 x 32 cells
     coarse = np.empty((32, 32, 32), dtype=np.uint8)
+    slot = np.full((32, 32, 32), -1, dtype=np.int32)
+    mixed: list[NDArray[np.uint8]] = []
+    count = 0
     slab = np.empty((step, 256, 256, 3), dtype=np.uint8)
     slab[..., 1] = levels[None, :, None]
     slab[..., 2] = levels[None, None, :]
     for red in range(0, 256, step):
         slab[..., 0] = levels[red : red + step, None, None]
-        full[red << 16 : (red + step) << 16] = colour_codes(slab, background).reshape(-1)
-        if red % 8 == 8 - step:  # one coarse row of cells complete: red levels red+step-8 .. red+step-1
-            first = red + step - 8
-            cells = full[first << 16 : (first + 8) << 16].reshape(8, 32, 8, 32, 8)
-            lowest, highest = cells.min(axis=(0, 2, 4)), cells.max(axis=(0, 2, 4))
-            coarse[red // 8] = np.where(lowest == highest, lowest, MIXED_CELL)
+        within = red % 8
+        row[within << 16 : (within + step) << 16] = colour_codes(slab, background).reshape(-1)
+        if within + step < 8:
+            continue
+        # cells[r3, g5, g3, b5, b3] -> per cell (g5, b5) its 512 codes in (r3, g3, b3) order
+        cells = row.reshape(8, 32, 8, 32, 8).transpose(1, 3, 0, 2, 4).reshape(32, 32, 512)
+        lowest, highest = cells.min(axis=2), cells.max(axis=2)
+        uniform = lowest == highest
+        coarse[red // 8] = np.where(uniform, lowest, MIXED_CELL)
+        green5, blue5 = np.nonzero(~uniform)
+        slot[red // 8, green5, blue5] = np.arange(count, count + len(green5), dtype=np.int32)
+        mixed.append(cells[green5, blue5])
+        count += len(green5)
     release_free_memory()
-    return full, coarse.reshape(-1)
+    table = ColourTable(coarse.reshape(-1), slot.reshape(-1), np.concatenate(mixed))
+    return table
 
 
 def _codes_of(half: ImageArray, background: Background, use_table: bool | None) -> NDArray[np.uint8]:
@@ -217,15 +257,10 @@ def _codes_of(half: ImageArray, background: Background, use_table: bool | None) 
         use_table = key in _TABLES or _PIXELS_SEEN[key] >= TABLE_AFTER_PIXELS
     if not use_table:
         return colour_codes(half, background)
-    full, coarse = colour_table(background)
     rows = half.reshape(-1, half.shape[-2], 3)
     # BGRA bytes read as little-endian uint32 are blue | green << 8 | red << 16 | alpha << 24.
     packed = cv2.cvtColor(rows, cv2.COLOR_RGB2BGRA).view(np.uint32).reshape(-1)
-    cell = ((packed >> 9) & 0x7C00) | ((packed >> 6) & 0x3E0) | ((packed >> 3) & 0x1F)
-    codes = np.take(coarse, cell)
-    mixed = np.flatnonzero(codes == MIXED_CELL)
-    codes[mixed] = np.take(full, packed[mixed] & np.uint32(0xFFFFFF))
-    return codes.reshape(half.shape[:-1])
+    return colour_table(background).lookup(packed).reshape(half.shape[:-1])
 
 
 def _halve(image: NDArray[np.float32]) -> NDArray[np.float32]:

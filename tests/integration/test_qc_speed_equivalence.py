@@ -50,6 +50,25 @@ def test_colour_table_gives_the_codes_of_direct_classification(cases: list[qc_re
         assert with_table == measures.measure_batch(np.stack(tiles), background, 0.5, use_table=False)
 
 
+def test_colour_table_holds_the_code_of_every_colour(cases: list[qc_reference.Case]) -> None:
+    """All 2^24 colours, on the real scan's background: the compact table (uniform cells in the coarse
+    table, codes per colour only for mixed cells) answers exactly what ``colour_codes`` does."""
+    background = next(case.background for case in cases if case.key.startswith("cmu/"))
+    measures._TABLES.clear()
+    table = measures.colour_table(background)
+    assert table.nbytes < 4 * 2**20, table.nbytes  # the point of the layout: not 16 MiB
+    assert 0 < len(table.mixed) < 32768
+    levels = np.arange(256, dtype=np.uint32)
+    for red in range(0, 256, 16):
+        slab = np.empty((16, 256, 256, 3), dtype=np.uint8)
+        slab[..., 0] = levels[red : red + 16, None, None]
+        slab[..., 1] = levels[None, :, None]
+        slab[..., 2] = levels[None, None, :]
+        packed = (levels[red : red + 16, None, None] << 16) | (levels[None, :, None] << 8) | levels
+        looked_up = table.lookup(packed.reshape(-1) | np.uint32(0xFF000000))  # alpha bits are ignored
+        assert np.array_equal(looked_up, measures.colour_codes(slab, background).reshape(-1)), red
+
+
 def test_halving_rounds_like_numpy() -> None:
     """2 x 2 means rounded half to even, ties included, for every sum of four 8-bit values."""
     rng = np.random.default_rng(0)
