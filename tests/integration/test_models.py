@@ -306,6 +306,10 @@ def test_init_default_models_builds_consistent_models_and_is_idempotent(tmp_path
     assert manifest["training"]["val_bags"] == 8 and 0.0 <= manifest["training"]["val_auc"] <= 1.0
     probability, attention = mil.score(backbone.embed(_uint8_tiles(4, 64)))
     assert 0.0 <= probability <= 1.0 and attention.shape == (4,)
+    # The encoder takes raw uint8 tiles and normalises in its graph: the embedder's prepared batches are a
+    # quarter of float32 NCHW's size (its bounded queue, docs/throughput.md).
+    assert manifest["backbone"]["input_format"] == "uint8-nhwc" and backbone.raw_uint8_input
+    assert backbone.batch_array(8).dtype == np.uint8 and backbone.batch_array(8).shape == (8, 64, 64, 3)
 
     stamp = (tmp_path / MIL_FILE).stat().st_mtime_ns
     lines.clear()
