@@ -20,12 +20,20 @@ Now (``configure``, at a service's start):
 * the heap is not trimmed on every free (``M_TRIM_THRESHOLD`` high): a batch's arrays freed at the top
   of a heap stay for the next batch;
 * after each handled batch of messages the runtime calls ``release_free_memory`` (``malloc_trim(0)``):
-  the free pages of every arena, in the middle of a heap as well as at its top, go back to the OS. What
-  a process holds between messages is what it still uses, whatever it allocated while handling one.
+  the free pages of every arena go back to the OS, in the middle of a heap as well as at the top of the
+  main one. The free top of a *thread's* arena is the exception: glibc gives it back only on a free
+  that leaves more than ``M_TRIM_THRESHOLD`` there, so each arena keeps the largest working set it ever
+  had on top;
+* so the number of arenas is bounded (``M_ARENA_MAX``, ``arena_limit()``: the CPUs the process may use,
+  at least 2, instead of glibc's 8 per core): threads share them, and what the arenas keep is about the
+  peak of what the process's threads held at once, not the sum of each thread's own peak. Together with
+  the runtime's single handler thread (``shared/bus/runtime.py: HandlerThread``) this took the
+  embedder's peak on a 100,000 px slide from 342 to 318-321 MiB and quality-filter's from 166 to 142
+  (docs/throughput.md). ``MALLOC_ARENA_MAX`` in the environment, where set, is left to decide.
 
-Resident memory is then bounded by one batch's working set, not by the slide's size or the process's
-age (the 100,000 px against 10,000 px check in docs/throughput.md); the page faults are paid once per
-batch instead of once per array.
+Resident memory is then bounded by what the process's bounded queues and threads hold at once, not by
+the slide's size or the process's age (the 100,000 px against 10,000 px check in docs/throughput.md);
+the page faults are paid once per batch instead of once per array.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from typing import Any
 
+from wsitk.shared.cpus import usable_cpus
 from wsitk.shared.logging import get_logger
 
 log = get_logger()
@@ -42,6 +52,7 @@ log = get_logger()
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 #: Blocks above this are mappings of their own (glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit).
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of a heap is kept up to this much between explicit trims.
@@ -62,17 +73,35 @@ def _libc() -> Any:
     return libc
 
 
-def configure(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
-    """Serve arrays up to ``mmap_threshold`` from the heap and keep its free top until the next
-    ``release_free_memory``. False (and nothing changed) off glibc."""
+def arena_limit() -> int:
+    """Malloc arenas a service may have: the CPUs it may use (``shared/cpus.py``), at least 2. No more
+    threads than that run at once, so sharing arenas among them costs little lock waiting."""
+    return max(2, usable_cpus())
+
+
+def configure(
+    mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD, arena_max: int | None = None
+) -> bool:
+    """Serve arrays up to ``mmap_threshold`` from the heap, keep its free top until the next
+    ``release_free_memory``, and allow ``arena_max`` arenas (default ``arena_limit()``; 0: glibc's own
+    limit; ``MALLOC_ARENA_MAX`` in the environment wins). Call it before the process starts threads.
+    False (and nothing changed) off glibc."""
     libc = _libc()
     if libc is None:
         return False
     ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     )
+    arenas = arena_limit() if arena_max is None else arena_max
+    if arenas > 0 and not os.environ.get("MALLOC_ARENA_MAX"):
+        ok = bool(libc.mallopt(_M_ARENA_MAX, arenas)) and ok
     if not ok:
-        log.warning("mallopt refused a setting", mmap_threshold=mmap_threshold, trim_threshold=trim_threshold)
+        log.warning(
+            "mallopt refused a setting",
+            mmap_threshold=mmap_threshold,
+            trim_threshold=trim_threshold,
+            arena_max=arenas,
+        )
     return ok
 
 

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import os
 import signal
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +131,7 @@ class ServiceRuntime:
         self._db_reachable = True
         self._buffer: list[ConsumerRecord] = []
         self._health: HealthServer | None = None
+        self._worker = HandlerThread(spec.name)
         self.policy = DeliveryPolicy(
             spec.name,
             self.group,
@@ -175,6 +179,7 @@ class ServiceRuntime:
             ]
             if self.spec.on_start is not None:
                 await self.policy.retry_infra("on_start", self.spec.on_start)
+                self._resume_all()  # waiting for it kept the group membership by pausing the partitions
             await self._consume_loop()
             for task in tasks:
                 task.cancel()
@@ -218,6 +223,7 @@ class ServiceRuntime:
             await self._health.stop()
         self.db.close()
         self._probe_db.close()
+        self._worker.close()
 
     # -- the loop --------------------------------------------------------------------------------
     async def _consume_loop(self) -> None:
@@ -230,6 +236,7 @@ class ServiceRuntime:
                     fetched = await self.consumer.getmany(timeout_ms=1000, max_records=self.batch_size)
                 except Exception as exc:  # noqa: BLE001 - the consume loop must survive; logged and retried
                     await self._infra_pause("poll", exc)
+                    self._resume_all()  # the pause polled paused partitions, as during a handler call
                     continue
                 records = [r for batch in fetched.values() for r in batch]
                 self._set_ready(True)
@@ -237,6 +244,12 @@ class ServiceRuntime:
                 continue
             BATCH_SIZE.labels(self.spec.name).observe(len(records))
             await self._process_batch(records)
+
+    def _resume_all(self) -> None:
+        """Resume every assigned partition: ``_keepalive_until`` pauses them while it waits, and only a
+        batch (``_process_batch``) resumes them by itself."""
+        if self.consumer is not None:
+            self.consumer.resume(*self.consumer.assignment())
 
     async def _keepalive_until(self, task: asyncio.Future[Any]) -> Any:
         """Wait for a worker while polling paused partitions, so the group keeps us as a member."""
@@ -264,7 +277,7 @@ class ServiceRuntime:
         return task.result()
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        task = asyncio.ensure_future(asyncio.to_thread(_then_release, fn, *args))
+        task = asyncio.ensure_future(self._worker.submit(fn, *args))
         return await self._keepalive_until(task)
 
     async def _infra_pause(self, what: str, exc: BaseException, delay: float = 1.0) -> None:
@@ -417,6 +430,30 @@ COMMIT_PAUSE_DIR = "WSI_TEST_COMMIT_PAUSE_DIR"
 #: KEEPALIVE_POLL_MS, then waits for the worker for at most KEEPALIVE_WAIT_S, and again.
 KEEPALIVE_POLL_MS = 20
 KEEPALIVE_WAIT_S = 0.5
+
+
+class HandlerThread:
+    """The one thread that makes a service's handler calls and ledger writes, in turn.
+
+    They are awaited one at a time anyway; what one thread buys is one malloc arena. On asyncio's default
+    pool each call lands on whichever of its threads is idle (the database probe and periodic tasks use
+    the pool too), each thread allocates from an arena of its own, and glibc never gives back the free
+    top of a thread's arena while ``M_TRIM_THRESHOLD`` is high (``shared/heap.py``): every thread a
+    message ever ran on kept that message's working set (quality-filter: two or three arenas of 30-35 MiB
+    on a large slide, one on a small one; docs/throughput.md, memory as slides grow). Each call sees the
+    submitting task's context (structlog's bound slide and event), as with ``asyncio.to_thread``, and its
+    freed memory goes back to the OS afterwards (``_then_release``).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-handler")
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        call = functools.partial(contextvars.copy_context().run, _then_release, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _then_release(fn: Callable[..., Any], *args: Any) -> Any:

@@ -151,6 +151,36 @@ def test_a_deterministic_failure_is_retried_a_bounded_number_of_times_then_dead_
     assert event.reason_code == "dead-lettered" and "wsi redrive" in event.reason
 
 
+def test_messages_are_handled_after_a_slow_on_start_on_the_same_handler_thread(stack: Any) -> None:
+    """``on_start`` (the tiler's and ingest's warm-up) is waited for with the partitions paused, as a
+    handler call is; they must be resumed afterwards, or the service would never consume."""
+    import threading
+
+    slide_id = uuid.uuid4().hex
+    threads: dict[str, int] = {}
+
+    def warm_up() -> None:
+        threads["on_start"] = threading.get_ident()
+        time.sleep(2.0)
+
+    def handler(message: Incoming) -> list[Outgoing]:
+        if message.slide_id == slide_id:
+            threads["handler"] = threading.get_ident()
+        return []
+
+    group = f"test-start-{slide_id[:8]}"
+    spec = ServiceSpec(
+        name="test-service", topics=[TILE_SHARDS], handler=handler, group_id=group, on_start=warm_up
+    )
+
+    async def scenario() -> None:
+        await publish(stack, [Outgoing(TILE_SHARDS, f"{slide_id}/s00000", shard_event(slide_id))])
+        await run_until(ServiceRuntime(spec, settings_for(stack)), lambda: "handler" in threads, 60.0)
+
+    asyncio.run(scenario())
+    assert threads["handler"] == threads["on_start"] != threading.get_ident()
+
+
 def test_poison_is_recognised_from_the_durable_count_without_handling_it_again(stack: Any) -> None:
     """A message whose handling killed the process 3 times (count in PostgreSQL) is not handled a 4th time."""
     slide_id = uuid.uuid4().hex

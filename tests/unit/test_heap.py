@@ -98,3 +98,86 @@ def test_the_runtime_returns_a_messages_memory_from_the_workers_arena() -> None:
 
     assert kept("kept") >= 150  # the worker thread's arena keeps the freed 2 MiB buffers ...
     assert kept("released") < 50  # ... unless the handler call releases them (shared/bus/runtime.py)
+
+
+_SHARED_ARENAS_SCENARIO = """
+import asyncio, json, sys, threading
+import numpy as np
+from wsitk.shared import heap
+from wsitk.shared.bus.runtime import HandlerThread, _then_release
+mode = sys.argv[1]
+assert heap.configure(arena_max=0 if mode == "glibc-arenas" else 2)
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+threads, kept = set(), []
+def handle():  # quality-filter-like: a batch, its float32 copies, a little that outlives the message
+    threads.add(threading.get_ident())
+    work = [np.ones((16, 224, 224, 3), np.uint8) for _ in range(4)]
+    floats = [batch.astype(np.float32) for batch in work]
+    kept.append(np.ones(2000))
+    del work, floats
+async def main():
+    async def other_thread_work():  # the runtime's database probe and periodic tasks use the pool too
+        while True:
+            await asyncio.to_thread(sum, range(20000))
+    others = [asyncio.create_task(other_thread_work()) for _ in range(3)]
+    worker = HandlerThread("test")
+    base = peak = rss_mib()
+    for _ in range(100):
+        if mode == "handler-thread":
+            await worker.submit(handle)
+        else:
+            await asyncio.to_thread(_then_release, handle)
+        peak = max(peak, rss_mib())
+    for task in others:
+        task.cancel()
+    worker.close()
+    print(json.dumps({"grew_mib": peak - base, "threads": len(threads)}))
+asyncio.run(main())
+"""
+
+
+def _grew(mode: str) -> dict[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARED_ARENAS_SCENARIO, mode], capture_output=True, text=True, check=True
+    )
+    result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_handler_calls_share_one_arena_so_memory_stays_at_one_messages_working_set() -> None:
+    """A message's working set is 48 MiB here. Calls spread over asyncio's pool, with glibc's own arena
+    limit, leave each thread's arena holding one on top (``shared/heap.py``); the runtime's one handler
+    thread, or a bounded number of arenas, keep the process near a single working set."""
+    spread = _grew("glibc-arenas")
+    one_thread = _grew("handler-thread")
+    shared = _grew("bounded-arenas")
+    assert spread["threads"] >= 2, spread  # the scenario does spread the calls over the pool
+    assert one_thread["threads"] == 1, one_thread
+    # measured: 48-57 MiB spread over six threads, 11 with one handler thread or two arenas
+    assert one_thread["grew_mib"] <= 30, one_thread
+    assert shared["grew_mib"] <= 30, shared
+    assert spread["grew_mib"] >= max(one_thread["grew_mib"], shared["grew_mib"]) + 25, (spread, one_thread)
+
+
+def test_a_handler_call_sees_the_submitting_tasks_context() -> None:
+    import asyncio
+    import contextvars
+    import threading
+
+    from wsitk.shared.bus.runtime import HandlerThread
+
+    slide: contextvars.ContextVar[str] = contextvars.ContextVar("slide", default="")
+
+    async def main() -> list[tuple[str, int]]:
+        worker = HandlerThread("test")
+        seen = []
+        for name in ("a", "b", "c"):
+            slide.set(name)
+            seen.append(await worker.submit(lambda: (slide.get(), threading.get_ident())))
+        worker.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert [name for name, _ in seen] == ["a", "b", "c"]
+    assert len({thread for _, thread in seen}) == 1 and seen[0][1] != threading.get_ident()
