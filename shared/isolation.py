@@ -10,6 +10,7 @@ child.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import multiprocessing
 import os
 import resource
@@ -29,8 +30,9 @@ T = TypeVar("T")
 PR_SET_PDEATHSIG = 1
 
 
-def _init_child(max_bytes: int, parent_pid: int | None = None) -> None:
-    """In the child: die with the parent (a SIGKILLed service must not leave decoders behind), cap memory.
+def _init_child(max_bytes: int, parent_pid: int | None = None, preload: tuple[str, ...] = ()) -> None:
+    """In the child: die with the parent (a SIGKILLed service must not leave decoders behind), cap memory,
+    import ``preload`` (the modules of the work it will run: a fresh child does that before its first task).
 
     ``parent_pid`` is the service's pid as the parent saw it. The parent died before prctl took
     effect if the child now has another parent; "the parent is pid 1" would be wrong in a container,
@@ -48,15 +50,35 @@ def _init_child(max_bytes: int, parent_pid: int | None = None) -> None:
     from wsitk.shared.heap import configure  # the decoder frees large tile buffers all day
 
     configure()  # its work releases free memory as it goes (services/tiler/handler.py, per shard)
+    for name in preload:
+        importlib.import_module(name)
+
+
+def _ready() -> bool:
+    return True
 
 
 class IsolatedRunner:
-    """A single-worker process pool that is replaced whenever its worker dies or hangs."""
+    """A single-worker process pool that is replaced whenever its worker dies or hangs.
 
-    def __init__(self, memory_limit_bytes: int, timeout_s: float, max_tasks_per_child: int = 25) -> None:
+    ``preload``: modules each new worker imports as it starts (those of the functions it will run), so
+    that ``start`` can have the first one ready, decoders loaded, before the first slide arrives: a cold
+    worker costs the first slide about half a second of CPU (interpreter, numpy, OpenSlide, the tiling
+    code), on the cores the other stages need (docs/throughput.md). The worker dies with the thread that
+    started it (``PR_SET_PDEATHSIG``): call ``start`` and ``run`` from one long-lived thread.
+    """
+
+    def __init__(
+        self,
+        memory_limit_bytes: int,
+        timeout_s: float,
+        max_tasks_per_child: int = 25,
+        preload: tuple[str, ...] = (),
+    ) -> None:
         self.memory_limit_bytes = memory_limit_bytes
         self.timeout_s = timeout_s
         self.max_tasks_per_child = max_tasks_per_child
+        self.preload = preload
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -66,7 +88,7 @@ class IsolatedRunner:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_child,
-                initargs=(self.memory_limit_bytes, os.getpid()),
+                initargs=(self.memory_limit_bytes, os.getpid(), self.preload),
                 max_tasks_per_child=self.max_tasks_per_child,
             )
         return self._pool
@@ -78,6 +100,11 @@ class IsolatedRunner:
                 if process.is_alive():
                     process.kill()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def start(self) -> None:
+        """Start the worker now (importing ``preload``) and wait until it is ready, instead of on the first
+        ``run``. A worker that cannot start is left for ``run`` to report."""
+        self.run("starting the decoder process", _ready)
 
     def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         with self._lock:

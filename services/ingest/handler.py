@@ -19,6 +19,7 @@ new slide up by its content slide id and its upload key, and a registered MPP is
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,8 +155,23 @@ def slide_metadata(info: SlideInfo, source_files: int = 0) -> pb.SlideMetadata:
 class IngestHandler:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.isolated = IsolatedRunner(ctx.settings.isolation_memory_bytes, timeout_s=600)
+        self.isolated = IsolatedRunner(
+            ctx.settings.isolation_memory_bytes, timeout_s=600, preload=(_inspect_in_child.__module__,)
+        )
         self.multifile = MultiFileIngest(self)
+
+    def warm_up(self) -> None:
+        """At start (``ServiceSpec.on_start``, on the handler's thread, which keeps the decoder process):
+        the object store's client and the decoder process with OpenSlide loaded, so that the first
+        upload pays for neither. Best effort: what fails here fails again, classified, on that upload."""
+        started = time.perf_counter()
+        try:
+            self.ctx.store  # noqa: B018 - the client (and the minio import) is made on first use
+            self.isolated.start()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("warm-up failed; the first upload will start the decoder", error=f"{exc}")
+            return
+        log.info("decoder process ready", seconds=round(time.perf_counter() - started, 2))
 
     def handle(self, message: Incoming) -> list[Outgoing]:
         outputs: list[Outgoing] = []

@@ -29,6 +29,7 @@ def build(settings: Settings) -> ServiceSpec:
         batch_size=4,
         on_dead_letter=handler.on_dead_letter,
         periodic=periodic,
+        on_start=handler.warm_up,
     )
 
 

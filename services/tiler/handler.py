@@ -280,10 +280,25 @@ class SlideUntileable(PermanentError):
 class TilerHandler:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.isolated = IsolatedRunner(ctx.settings.isolation_memory_bytes, timeout_s=3600)
+        self.isolated = IsolatedRunner(
+            ctx.settings.isolation_memory_bytes, timeout_s=3600, preload=(tile_slide.__module__,)
+        )
         # One long-lived thread submits to the decoder pool and waits, while the handler's thread publishes
         # early. Long-lived because the decoder child dies with the thread that started it (PDEATHSIG).
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="tiler-child")
+
+    def warm_up(self) -> None:
+        """At start (``ServiceSpec.on_start``): the object store's client and the decoder process, with the
+        tiling code imported in it, so that the first slide pays for neither. Best effort: what fails
+        here fails again, classified, on the first slide."""
+        started = time.perf_counter()
+        try:
+            self.ctx.store  # noqa: B018 - the client (and the minio import) is made on first use
+            self._waiter.submit(self.isolated.start).result()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("warm-up failed; the first slide will start the decoder", error=f"{exc}")
+            return
+        log.info("decoder process ready", seconds=round(time.perf_counter() - started, 2))
 
     def handle(self, message: Incoming) -> list[Outgoing]:
         event = message.event_as(pb.SlideIngested)

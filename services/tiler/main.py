@@ -12,7 +12,13 @@ from wsitk.shared.topics import SLIDES_INGESTED
 def build(settings: Settings) -> ServiceSpec:
     handler = TilerHandler(ServiceContext(settings, SERVICE))
     # One slide at a time: a slide is minutes of work, done with the partition paused.
-    return ServiceSpec(name=SERVICE, topics=[SLIDES_INGESTED], handler=handler.handle, batch_size=1)
+    return ServiceSpec(
+        name=SERVICE,
+        topics=[SLIDES_INGESTED],
+        handler=handler.handle,
+        batch_size=1,
+        on_start=handler.warm_up,
+    )
 
 
 def main(settings: Settings) -> int:

@@ -38,6 +38,26 @@ def test_a_crashing_decoder_is_a_permanent_error_and_the_next_call_works() -> No
         runner.close()
 
 
+def _loaded(module: str) -> tuple[int, bool]:
+    return os.getpid(), module in sys.modules
+
+
+def test_start_readies_the_decoder_with_its_modules_before_the_first_call() -> None:
+    """``start`` spawns the worker and imports ``preload`` in it; the first ``run`` uses that worker."""
+    runner = IsolatedRunner(memory_limit_bytes=0, timeout_s=60, preload=("wsitk.shared.slides.fastread",))
+    cold = IsolatedRunner(memory_limit_bytes=0, timeout_s=60)
+    try:
+        runner.start()
+        worker = next(iter(runner._pool._processes.values()))
+        assert worker.is_alive()
+        pid, loaded = runner.run("checking", _loaded, "wsitk.shared.slides.fastread")
+        assert pid == worker.pid and loaded
+        assert cold.run("checking", _loaded, "wsitk.shared.slides.fastread")[1] is False
+    finally:
+        runner.close()
+        cold.close()
+
+
 def test_an_allocation_beyond_the_limit_is_refused_not_fatal() -> None:
     runner = IsolatedRunner(memory_limit_bytes=512 * 1024**2, timeout_s=30)
     try:
