@@ -319,6 +319,7 @@ def init_default_models(
             "input_size": backbone.input_size,
             "target_mpp": backbone.target_mpp,
             "output_dim": backbone.output_dim,
+            "input_format": backbone.input_format,
             "note": note,
         },
         "mil": {
