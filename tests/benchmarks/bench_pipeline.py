@@ -327,7 +327,9 @@ def run_pipeline(
             rows = _wait_predicted(stack.database_url(), keys, timeout_s, psycopg)
             finished = max(row[1] for row in rows.values()).timestamp()
             cpu_after = _cpu_by_process(home, stack.pids)
-            stages = _stage_finish(stack.database_url(), [row[0] for row in rows.values()], uploaded, psycopg)
+            slide_ids = [row[0] for row in rows.values()]
+            spans = _stage_spans(stack.database_url(), slide_ids, uploaded, psycopg)
+            predictions = _predictions_per_slide(stack.database_url(), slide_ids, psycopg)
             ports = _metrics_ports(home)
             texts = {instance: _scrape(port) for instance, port in ports.items()}
         finally:
@@ -335,12 +337,12 @@ def run_pipeline(
             services_down(PIPELINE_SERVICES, timeout_s=30)
     shutil.rmtree(home, ignore_errors=True)
     busy: dict[str, float] = {}
+    member_busy: dict[str, float] = {}
     tiles: dict[str, float] = {}
     for instance, text in texts.items():
         stage = re.sub(r"-\d+$", "", instance)
-        busy[stage] = busy.get(stage, 0.0) + _sum_metric(
-            text, "wsi_handle_duration_seconds_sum", service=stage
-        )
+        member_busy[instance] = _sum_metric(text, "wsi_handle_duration_seconds_sum", service=stage)
+        busy[stage] = busy.get(stage, 0.0) + member_busy[instance]
         counted = {
             "tiler": _sum_metric(text, "wsi_tiles_total", service="tiler", outcome="planned"),
             "quality-filter": _sum_metric(text, "wsi_tiles_total", service="quality-filter"),
@@ -356,8 +358,12 @@ def run_pipeline(
         # services and the local stack's servers (broker, PostgreSQL, the S3 server) on the same cores
         "cpu_s": cpu,
         "cpu_s_total": round(sum(cpu.values()), 1),
-        "stage_last_shard_s": stages,
+        "stage_first_shard_s": {stage: first for stage, (first, _) in spans.items()},
+        "stage_last_shard_s": {stage: last for stage, (_, last) in spans.items()},
         "stage_busy_s": {k: round(v, 2) for k, v in busy.items()},
+        "member_busy_s": {k: round(v, 2) for k, v in sorted(member_busy.items())},
+        "stage_tiles": {k: int(v) for k, v in tiles.items() if v},
+        "predictions_per_slide": predictions,
         "stage_tiles_per_busy_s": {
             k: round(tiles[k] / busy[k], 1) for k in tiles if tiles[k] and busy.get(k)
         },
@@ -407,14 +413,31 @@ def _wait_predicted(dsn: str, keys: list[str], timeout_s: float, psycopg: Any) -
     raise TimeoutError(f"no prediction for every slide within {timeout_s:.0f} s")
 
 
-def _stage_finish(dsn: str, slide_ids: list[str], uploaded: float, psycopg: Any) -> dict[str, float]:
-    """Seconds from upload until each stage's last shard was recorded (the slowest slide)."""
+def _stage_spans(
+    dsn: str, slide_ids: list[str], uploaded: float, psycopg: Any
+) -> dict[str, tuple[float, float]]:
+    """Seconds from upload until each stage's first and last shard were recorded (over all slides)."""
     with psycopg.connect(dsn, options="-c search_path=wsi,public") as conn:
         rows = conn.execute(
-            "SELECT stage, max(recorded_at) FROM stage_progress WHERE slide_id = ANY(%s) GROUP BY 1",
+            "SELECT stage, min(recorded_at), max(recorded_at) FROM stage_progress WHERE slide_id = ANY(%s) "
+            "GROUP BY 1",
             (slide_ids,),
         ).fetchall()
-    return {stage: round(at.timestamp() - uploaded, 2) for stage, at in rows}
+    return {
+        stage: (round(first.timestamp() - uploaded, 2), round(last.timestamp() - uploaded, 2))
+        for stage, first, last in rows
+    }
+
+
+def _predictions_per_slide(dsn: str, slide_ids: list[str], psycopg: Any) -> dict[str, int]:
+    """Prediction rows per slide (each slide must have exactly one)."""
+    with psycopg.connect(dsn, options="-c search_path=wsi,public") as conn:
+        rows = conn.execute(
+            "SELECT slide_id, count(*) FROM predictions WHERE slide_id = ANY(%s) GROUP BY 1", (slide_ids,)
+        ).fetchall()
+    counts = dict.fromkeys(slide_ids, 0)
+    counts.update({slide_id: int(count) for slide_id, count in rows})
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
