@@ -440,14 +440,21 @@ def _predictions_per_slide(dsn: str, slide_ids: list[str], psycopg: Any) -> dict
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    from wsitk.shared.ops import parse_replicas
-
-    args = _parse(argv)
+def prepare_inputs(args: argparse.Namespace) -> tuple[Path, list[Path], Path]:
+    """From ``--workdir``, ``--slides``, ``--size`` and ``--models``: the work directory (created), the
+    generated slides (cached in it) and the model directory (the default models, built when needed)."""
     args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir.resolve()
     slides = make_slides(workdir / "slides", args.slides, args.size)
     models = args.models.resolve() if args.models else default_models(workdir / "models")
+    return workdir, slides, models
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsitk.shared.ops import parse_replicas
+
+    args = _parse(argv)
+    workdir, slides, models = prepare_inputs(args)
     report: dict[str, Any] = {
         "slides": len(slides),
         "size": args.size,
@@ -475,11 +482,16 @@ def main(argv: list[str] | None = None) -> int:
         report["stages_slower_than_embedder"] = sorted(
             name for name in ("ingest", "tiler", "quality-filter") if busy.get(name, 0.0) > embedder
         )
+    emit_report(report, args.json_out)
+    return 0
+
+
+def emit_report(report: dict[str, Any], json_out: Path | None) -> None:
+    """Print the report as JSON, and write it to ``json_out`` when given."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
-    return 0
+    if json_out:
+        json_out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ members is meant for a machine with the cores for it.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -98,13 +97,10 @@ def summarise(runs: dict[int, dict[str, Any]], stages: list[str], slides: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.benchmarks.bench_pipeline import _say, default_models, make_slides, run_pipeline
+    from tests.benchmarks.bench_pipeline import _say, emit_report, prepare_inputs, run_pipeline
 
     args = _parse(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = args.workdir.resolve()
-    slides = make_slides(workdir / "slides", args.slides, args.size)
-    models = args.models.resolve() if args.models else default_models(workdir / "models")
+    workdir, slides, models = prepare_inputs(args)
     runs: dict[int, dict[str, Any]] = {}
     for count in args.counts:
         _say(f"{count} member(s) of {', '.join(args.stages)} ...")
@@ -116,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "counts": summarise(runs, args.stages, len(slides)),
         "runs": {str(count): run for count, run in runs.items()},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    emit_report(report, args.json_out)
     return 0
 
 
