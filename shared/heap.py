@@ -21,9 +21,9 @@ Now (``configure``, at a service's start):
   of a heap stay for the next batch;
 * after each handled batch of messages the runtime calls ``release_free_memory`` (``malloc_trim(0)``):
   the free pages of every arena go back to the OS, in the middle of a heap as well as at the top of the
-  main one. The free top of a *thread's* arena is the exception: glibc gives it back only on a free
-  that leaves more than ``M_TRIM_THRESHOLD`` there, so each arena keeps the largest working set it ever
-  had on top;
+  main one. The free top of a *thread's* arena is the exception, as measured (``tests/unit/test_heap.py``):
+  it stays resident after ``malloc_trim`` (glibc shrinks a thread's heap on a free that leaves more than
+  ``M_TRIM_THRESHOLD`` there), so each arena keeps about the largest working set it ever had on top;
 * so the number of arenas is bounded (``M_ARENA_MAX``, ``arena_limit()``: the CPUs the process may use,
   at least 2, instead of glibc's 8 per core): threads share them, and what the arenas keep is about the
   peak of what the process's threads held at once, not the sum of each thread's own peak. Together with

@@ -437,10 +437,11 @@ class HandlerThread:
 
     They are awaited one at a time anyway; what one thread buys is one malloc arena. On asyncio's default
     pool each call lands on whichever of its threads is idle (the database probe and periodic tasks use
-    the pool too), each thread allocates from an arena of its own, and glibc never gives back the free
-    top of a thread's arena while ``M_TRIM_THRESHOLD`` is high (``shared/heap.py``): every thread a
-    message ever ran on kept that message's working set (quality-filter: two or three arenas of 30-35 MiB
-    on a large slide, one on a small one; docs/throughput.md, memory as slides grow). Each call sees the
+    the pool too), each thread allocates from an arena of its own, and the free top of a thread's arena
+    stayed resident even after ``malloc_trim`` (glibc shrinks a thread's heap on a free that leaves more
+    than ``M_TRIM_THRESHOLD`` there, set high in ``shared/heap.py``): every thread a message ever ran on
+    kept that message's working set (quality-filter: two arenas of 30-35 MiB on a 30,000 px slide, one on
+    a small one; ``tests/unit/test_heap.py``; docs/throughput.md, memory as slides grow). Each call sees the
     submitting task's context (structlog's bound slide and event), as with ``asyncio.to_thread``, and its
     freed memory goes back to the OS afterwards (``_then_release``).
     """
