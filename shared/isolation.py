@@ -16,15 +16,18 @@ import os
 import resource
 import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from wsitk.shared.errors import PermanentError
+from wsitk.shared.logging import get_logger
 
 T = TypeVar("T")
+log = get_logger()
 
 
 PR_SET_PDEATHSIG = 1
@@ -139,3 +142,18 @@ class IsolatedRunner:
     def close(self) -> None:
         with self._lock:
             self._discard_pool()
+
+
+def warm_up_decoder(steps: Sequence[Callable[[], object]], first_work: str) -> None:
+    """A service's start-up (``ServiceSpec.on_start``): run ``steps`` (making the object store's client,
+    ``IsolatedRunner.start`` on the thread that keeps the decoder), so that the first ``first_work``
+    ("slide", "upload") pays for none of them. Best effort: what fails here fails again, classified, on
+    that first piece of work, so it is logged and start-up goes on."""
+    started = time.perf_counter()
+    try:
+        for step in steps:
+            step()
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("warm-up failed; the decoder starts with the first work", work=first_work, error=f"{exc}")
+        return
+    log.info("decoder process ready", seconds=round(time.perf_counter() - started, 2))

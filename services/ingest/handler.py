@@ -19,7 +19,6 @@ new slide up by its content slide id and its upload key, and a registered MPP is
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ from wsitk.shared.contracts import deterministic_id, new_meta, pb
 from wsitk.shared.corrections import lookup_override
 from wsitk.shared.db import intake
 from wsitk.shared.errors import PermanentError, scrub_local_paths
-from wsitk.shared.isolation import IsolatedRunner
+from wsitk.shared.isolation import IsolatedRunner, warm_up_decoder
 from wsitk.shared.logging import get_logger
 from wsitk.shared.slides.bundle import remove_unpacked
 from wsitk.shared.slides.dicom import dicom_identity, pseudonymised_dicom_source
@@ -161,17 +160,9 @@ class IngestHandler:
         self.multifile = MultiFileIngest(self)
 
     def warm_up(self) -> None:
-        """At start (``ServiceSpec.on_start``, on the handler's thread, which keeps the decoder process):
-        the object store's client and the decoder process with OpenSlide loaded, so that the first
-        upload pays for neither. Best effort: what fails here fails again, classified, on that upload."""
-        started = time.perf_counter()
-        try:
-            self.ctx.store  # noqa: B018 - the client (and the minio import) is made on first use
-            self.isolated.start()
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            log.warning("warm-up failed; the first upload will start the decoder", error=f"{exc}")
-            return
-        log.info("decoder process ready", seconds=round(time.perf_counter() - started, 2))
+        """At start, on the handler's thread (which keeps the decoder process): the object store's client
+        and the decoder process with OpenSlide loaded (``shared/isolation.py: warm_up_decoder``)."""
+        warm_up_decoder([lambda: self.ctx.store, self.isolated.start], "upload")
 
     def handle(self, message: Incoming) -> list[Outgoing]:
         outputs: list[Outgoing] = []

@@ -45,7 +45,7 @@ from wsitk.shared.bus.kafka import Outgoing
 from wsitk.shared.context import ServiceContext
 from wsitk.shared.contracts import new_meta, pb, tiling_run_id
 from wsitk.shared.errors import DISK_FULL_ERRNOS, PermanentError, local_disk_full, scrub_local_paths
-from wsitk.shared.isolation import IsolatedRunner
+from wsitk.shared.isolation import IsolatedRunner, warm_up_decoder
 from wsitk.shared.keys import tiles_prefix, tiling_manifest_key
 from wsitk.shared.logging import get_logger
 from wsitk.shared.metrics import SLIDE_STAGE_SECONDS, TILES
@@ -288,17 +288,11 @@ class TilerHandler:
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="tiler-child")
 
     def warm_up(self) -> None:
-        """At start (``ServiceSpec.on_start``): the object store's client and the decoder process, with the
-        tiling code imported in it, so that the first slide pays for neither. Best effort: what fails
-        here fails again, classified, on the first slide."""
-        started = time.perf_counter()
-        try:
-            self.ctx.store  # noqa: B018 - the client (and the minio import) is made on first use
-            self._waiter.submit(self.isolated.start).result()
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            log.warning("warm-up failed; the first slide will start the decoder", error=f"{exc}")
-            return
-        log.info("decoder process ready", seconds=round(time.perf_counter() - started, 2))
+        """At start: the object store's client and the decoder process with the tiling code imported,
+        started from the thread that keeps it (``shared/isolation.py: warm_up_decoder``)."""
+        warm_up_decoder(
+            [lambda: self.ctx.store, lambda: self._waiter.submit(self.isolated.start).result()], "slide"
+        )
 
     def handle(self, message: Incoming) -> list[Outgoing]:
         event = message.event_as(pb.SlideIngested)

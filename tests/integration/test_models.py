@@ -320,3 +320,28 @@ def test_init_default_models_builds_consistent_models_and_is_idempotent(tmp_path
     rebuilt = init_default_models(tmp_path, seed=2, progress=lines.append, recipe=recipe)
     assert rebuilt["mil"]["sha256"] == sha256_file(tmp_path / MIL_FILE)
     assert rebuilt["mil"]["model_version"] == manifest["mil"]["model_version"]  # seeded: same model again
+
+
+def test_the_uint8_default_encoder_embeds_real_tiles_as_the_float32_export_does(tmp_path: Path) -> None:
+    """The default encoder now takes raw uint8 tiles and normalises in its graph: on the real scan's
+    224 px tiles and the labelled real tiles (``../shared/fixtures/real``) it must give the embeddings of
+    the same weights exported with a float32 input and normalised outside."""
+    from tests import qc_reference
+
+    if not qc_reference.CMU.is_file():
+        pytest.fail(f"real fixture missing: {qc_reference.CMU} (../shared/fixtures/real beside the repo)")
+    real = [
+        case
+        for case in qc_reference.cmu_cases() + qc_reference.real_tile_cases()
+        if case.tile.shape[0] == 224
+    ]
+    tiles = np.stack([case.tile for case in real])
+    assert len(tiles) >= 20
+    as_uint8 = export_backbone("small-cnn", tmp_path / "u8.onnx", seed=0, input_format="uint8-nhwc")
+    as_float = export_backbone("small-cnn", tmp_path / "f32.onnx", seed=0)
+    assert as_uint8.weights_state_sha256 == as_float.weights_state_sha256
+    uint8_runner, float_runner = BackboneRunner(tmp_path / "u8.onnx"), BackboneRunner(tmp_path / "f32.onnx")
+    assert uint8_runner.raw_uint8_input and not float_runner.raw_uint8_input
+    uint8_features, float_features = uint8_runner.embed(tiles), float_runner.embed(tiles)
+    scale = np.abs(float_features).max()
+    assert np.abs(uint8_features - float_features).max() <= 1e-4 * scale

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from wsitk.shared.errors import PermanentError
-from wsitk.shared.isolation import IsolatedRunner
+from wsitk.shared.isolation import IsolatedRunner, warm_up_decoder
 
 
 def _crash() -> None:
@@ -56,6 +56,20 @@ def test_start_readies_the_decoder_with_its_modules_before_the_first_call() -> N
     finally:
         runner.close()
         cold.close()
+
+
+def test_a_failed_warm_up_is_logged_and_start_up_goes_on() -> None:
+    """The services' start-up steps run in order; one that fails stops the rest but not the service."""
+    ran: list[str] = []
+
+    def broken() -> None:
+        ran.append("broken")
+        raise ConnectionRefusedError("object store not there yet")
+
+    warm_up_decoder([lambda: ran.append("store"), broken, lambda: ran.append("decoder")], "slide")
+    assert ran == ["store", "broken"]
+    warm_up_decoder([lambda: ran.append("store"), lambda: ran.append("decoder")], "slide")
+    assert ran[-2:] == ["store", "decoder"]
 
 
 def test_an_allocation_beyond_the_limit_is_refused_not_fatal() -> None:
